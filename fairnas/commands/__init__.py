@@ -1,0 +1,1 @@
+"""Subcommands of the ``fairnas`` CLI; each module defines ``register(subparsers)``."""

@@ -1,0 +1,162 @@
+"""Files that survive crashes: atomic writes, safe checkpoint loading, JSON and JSONL helpers.
+
+Every output goes to a temporary file in the same folder, is flushed and fsynced, then renamed
+over the target with ``os.replace``: a crash or a full disk while saving leaves the previous file
+intact. Checkpoints are loaded with ``weights_only=True`` so no pickled code ever runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message says what it is and what to do."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(file)`` on a temporary file, then rename it over ``path``.
+
+    Raises ``OSError`` (disk full, permission) with the target named; the old file is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException as error:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"could not write {path}: {error.strerror or error}; "
+                                       f"the previous version (if any) is intact") from error
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` through a temporary file (serialised in memory first, then written)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it, so a record is either wholly there or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Read JSON lines, ignoring a torn last line left by a crash mid-append."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:
+                logger.warning("ignoring a torn last line in %s", path)
+                return
+            raise ValueError(f"{path}:{number + 1} is not valid JSON") from None
+
+
+def describe_bad_checkpoint(path: Path) -> str | None:
+    """Why ``path`` is not a loadable checkpoint, or ``None`` if it looks like one."""
+    if not path.exists():
+        return f"checkpoint {path} does not exist"
+    if path.is_dir():
+        return f"checkpoint {path} is a folder, expected a file"
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(200)
+    if head.startswith(LFS_POINTER_PREFIX):
+        return (
+            f"{path} is a Git LFS pointer file ({size} bytes), not the weights: fetch the real "
+            f"file with `git lfs pull` in the repository it came from"
+        )
+    if size == 0:
+        return f"checkpoint {path} is empty (0 bytes); it was not written completely"
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return (
+            f"checkpoint {path} is truncated or corrupt ({size} bytes; the zip archive inside "
+            f"is incomplete): download or copy it again"
+        )
+    return None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Load a torch checkpoint safely (``weights_only``), with a clear error for bad files."""
+    path = Path(path)
+    problem = describe_bad_checkpoint(path)
+    if problem:
+        raise CheckpointError(problem)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device=str(map_location))
+        except Exception as error:  # safetensors raises its own error types
+            raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {error}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} ({path.stat().st_size} bytes) could not be read: {error}. "
+            f"It may be truncated, corrupt, or contain objects other than tensors "
+            f"(only weights are loaded; no pickled code is executed)"
+        ) from error
+    except Exception as error:  # weights_only refuses arbitrary globals with UnpicklingError
+        raise CheckpointError(
+            f"checkpoint {path} holds objects that are not plain weights and was refused "
+            f"(weights_only loading): {error}"
+        ) from error
+
+
+def save_safetensors(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict as safetensors, atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
