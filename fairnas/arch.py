@@ -75,7 +75,9 @@ class Architecture:
         return cls.from_tokens(space, tokens)
 
     @classmethod
-    def from_json(cls, data: str | dict[str, Any], space: SearchSpace | None = None) -> Architecture:
+    def from_json(
+        cls, data: str | dict[str, Any], space: SearchSpace | None = None
+    ) -> Architecture:
         """Parse the JSON form; the space named in it is used unless one is given."""
         obj = json.loads(data) if isinstance(data, str) else data
         if not isinstance(obj, dict) or "layers" not in obj:

@@ -7,6 +7,7 @@ intact. Checkpoints are loaded with ``weights_only=True`` so no pickled code eve
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -43,10 +44,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException as error:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
         if isinstance(error, OSError):
             raise OSError(error.errno, f"could not write {path}: {error.strerror or error}; "
                                        f"the previous version (if any) is intact") from error
@@ -137,7 +136,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         try:
             return load_file(str(path), device=str(map_location))
         except Exception as error:  # safetensors raises its own error types
-            raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {error}")
+            raise CheckpointError(
+                f"checkpoint {path} is not a valid safetensors file: {error}"
+            ) from error
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:

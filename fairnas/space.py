@@ -368,7 +368,9 @@ def space_from_dict(spec: Mapping[str, Any]) -> SearchSpace:
     """Build a space from plain data; ``base`` names a preset whose fields are the defaults."""
     unknown = set(spec) - _SPACE_KEYS
     if unknown:
-        raise ValueError(f"unknown search-space keys {sorted(unknown)}; known: {sorted(_SPACE_KEYS)}")
+        raise ValueError(
+            f"unknown search-space keys {sorted(unknown)}; known: {sorted(_SPACE_KEYS)}"
+        )
     values: dict[str, Any] = {}
     if "base" in spec:
         values = get_space(spec["base"]).to_dict()

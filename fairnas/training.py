@@ -1,0 +1,404 @@
+"""Training loops: the strict-fairness supernet and stand-alone networks.
+
+Both share :class:`TrainingLoop`, which owns what every run needs and nothing model-specific:
+the learning-rate schedule (linear warm-up, cosine decay, a pure function of the step), logging
+(a progress bar, one line per interval, one JSONL row and TensorBoard scalars per epoch),
+atomic checkpoints carrying everything a resume needs, and the refusal to resume under a
+changed configuration. The step itself is a function passed in.
+
+Data order, sampled paths and learning rate are all functions of the step number, so a run that
+is killed and resumed from a checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fairnas.arch import Architecture
+from fairnas.config import SupernetConfig, TrainConfig, differing_keys
+from fairnas.data import BatchPlan, DataSplits, TensorSplit
+from fairnas.distributed import DistContext, all_reduce_gradients
+from fairnas.evaluate import accuracy
+from fairnas.io import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
+from fairnas.network import SinglePathNet, Supernet
+from fairnas.samplers import FairnessLedger, PathSampler
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient."""
+
+
+def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then cosine decay to zero."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_sgd(model: nn.Module, *, lr: float, momentum: float, nesterov: bool,
+             weight_decay: float) -> torch.optim.SGD:
+    """SGD with weight decay on weights only: BN affine terms and biases are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (no_decay if param.dim() <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    images: int
+
+
+class TrainingLoop:
+    """Runs ``step_fn(step)`` from the last checkpoint to ``total_steps``.
+
+    ``state_fns`` = (get, set) for extra resumable state (the fairness ledger, for example).
+    Checkpoints are written at every epoch end, every ``checkpoint_every`` steps if set, and at
+    the end; only rank 0 writes files.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        out_dir: Path,
+        total_steps: int,
+        steps_per_epoch: int,
+        base_lr: float,
+        warmup_steps: int,
+        log_interval: int,
+        config: dict[str, Any],
+        dist: DistContext,
+        checkpoint_every: int | None = None,
+        state_fns: tuple[Callable[[], dict], Callable[[dict], None]] | None = None,
+        epoch_end: Callable[[int], dict[str, float]] | None = None,
+    ) -> None:
+        self.name, self.model, self.optimizer = name, model, optimizer
+        self.out_dir = Path(out_dir)
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.base_lr, self.warmup_steps, self.log_interval = base_lr, warmup_steps, log_interval
+        self.config, self.dist = config, dist
+        self.checkpoint_every = checkpoint_every
+        self.state_fns, self.epoch_end = state_fns, epoch_end
+        self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        self.step = 0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.name,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "config": self.config,
+            "extra": self.state_fns[0]() if self.state_fns else {},
+        }
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            atomic_torch_save(self.checkpoint_path, self.state_dict())
+
+    def resume(self) -> bool:
+        """Load the checkpoint if one exists; refuse one made under a different config."""
+        if not self.checkpoint_path.exists():
+            return False
+        state = load_checkpoint(self.checkpoint_path)
+        if state.get("kind") != self.name:
+            raise ValueError(f"{self.checkpoint_path} is a {state.get('kind')!r} checkpoint, "
+                             f"expected {self.name!r}")
+        changed = [k for k in differing_keys(state["config"], self.config)
+                   if k.split(".")[-1] not in RESUME_SAFE_KEYS]
+        if changed:
+            raise ValueError(
+                f"refusing to resume {self.checkpoint_path}: the configuration changed in "
+                f"{', '.join(changed)}. Use a new output folder, or restore those values."
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.state_fns:
+            self.state_fns[1](state["extra"])
+        self.step = int(state["step"])
+        logger.info("%s: resumed from %s at step %d/%d", self.name, self.checkpoint_path,
+                    self.step, self.total_steps)
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, step_fn: Callable[[int], StepResult | None]) -> None:
+        writer = self._tensorboard()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
+                   disable=not self.dist.is_main, dynamic_ncols=True, mininterval=2.0)
+        window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+        epoch_loss, epoch_steps = 0.0, 0
+        try:
+            while self.step < self.total_steps:
+                lr = lr_at(self.step, base_lr=self.base_lr, warmup_steps=self.warmup_steps,
+                           total_steps=self.total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+
+                result = step_fn(self.step)
+                self.step += 1
+                bar.update(1)
+
+                if result is not None:
+                    window_loss += result.loss
+                    epoch_loss += result.loss
+                    window_images += result.images
+                    epoch_steps += 1
+                if self.step % self.log_interval == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    logger.info("%s step %d/%d loss %.4f images/s %.0f lr %.5f", self.name,
+                                self.step, self.total_steps,
+                                window_loss / max(self.log_interval, 1), window_images / elapsed,
+                                lr)
+                    bar.set_postfix(loss=f"{window_loss / max(self.log_interval, 1):.3f}",
+                                    lr=f"{lr:.4f}")
+                    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+                epoch_done = self.step % self.steps_per_epoch == 0
+                if epoch_done or self.step == self.total_steps:
+                    self._end_epoch(epoch_loss / max(epoch_steps, 1), lr, writer)
+                    epoch_loss, epoch_steps = 0.0, 0
+                    self.save()
+                elif self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+
+    def _end_epoch(self, mean_loss: float, lr: float, writer: Any) -> None:
+        epoch = math.ceil(self.step / self.steps_per_epoch)
+        row: dict[str, Any] = {"epoch": epoch, "step": self.step, "loss": mean_loss, "lr": lr}
+        if self.epoch_end is not None:
+            row.update(self.epoch_end(epoch))
+        if not self.dist.is_main:
+            return
+        append_jsonl(self.out_dir / "metrics.jsonl", row)
+        if writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                    writer.add_scalar(f"{self.name}/{key}", value, self.step)
+        logger.info("%s epoch %d: %s", self.name, epoch,
+                    ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in row.items()))
+
+    def _tensorboard(self) -> Any:
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a dependency, but curves are not worth a crash
+            logger.warning("tensorboard is not installed; no curves are written")
+            return None
+        return SummaryWriter(str(self.out_dir / "tensorboard"))
+
+
+# Keys that may change between a run and its resume without changing the result's meaning.
+RESUME_SAFE_KEYS = {"log_interval", "threads", "device", "root", "out_dir"}
+
+
+def _check_finite(loss: torch.Tensor, step: int, what: str) -> bool:
+    return bool(torch.isfinite(loss).all())
+
+
+def _grads_finite(model: nn.Module) -> bool:
+    return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _steps(epochs: float, max_steps: int | None, steps_per_epoch: int) -> int:
+    return max_steps if max_steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
+
+
+def train_supernet(
+    supernet: Supernet,
+    splits: DataSplits,
+    config: SupernetConfig,
+    out_dir: Path,
+    *,
+    device: str | torch.device = "cpu",
+    dist: DistContext | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Train the supernet with the configured sampler; returns a summary with the ledger.
+
+    One step: draw the step's paths; for each path forward, loss, backward (gradients of all
+    paths accumulate); synchronise gradients across processes once; one optimizer update. With
+    ``shared_batch`` all paths see the same batch and the stem and fixed first block are computed
+    once for the step (their output is shared by every path). ``grad_reduction`` ``sum`` adds
+    the paths' gradients as FairNAS does; ``mean`` divides by the number of paths.
+    """
+    dist = dist or DistContext.single()
+    out_dir = Path(out_dir)
+    sampler = PathSampler(supernet.space, config.sampler, seed=config.seed)
+    ledger = FairnessLedger(sampler.num_layers, sampler.num_choices)
+    paths_per_step = sampler.paths_per_step
+    batches_per_step = 1 if config.shared_batch else paths_per_step
+    plan = BatchPlan(len(splits.train), config.batch_size, seed=config.seed,
+                     rank=dist.rank, world_size=dist.world_size)
+    steps_per_epoch = max(1, len(plan) // batches_per_step)
+    total_steps = _steps(config.epochs, config.max_steps, steps_per_epoch)
+    optimizer = make_sgd(supernet, lr=config.lr, momentum=config.momentum,
+                         nesterov=config.nesterov, weight_decay=config.weight_decay)
+    loop = TrainingLoop(
+        name="supernet", model=supernet, optimizer=optimizer, out_dir=out_dir,
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch, base_lr=config.lr,
+        warmup_steps=config.warmup_steps, log_interval=config.log_interval,
+        config={**asdict(config), "space": supernet.space.to_dict()}, dist=dist,
+        checkpoint_every=checkpoint_every,
+        state_fns=(lambda: {"ledger": ledger.state_dict()},
+                   lambda state: ledger.load_state_dict(state["ledger"])),
+    )
+    if resume:
+        loop.resume()
+    supernet.to(device).train()
+    train = splits.train
+    scale = 1.0 / paths_per_step if config.grad_reduction == "mean" else 1.0
+
+    def batch(step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = step * batches_per_step + k
+        epoch, position = divmod(index, steps_per_epoch * batches_per_step)
+        indices = next(plan.batches(epoch, position))
+        return (train.images[indices].to(device, non_blocking=True),
+                train.labels[indices].to(device, non_blocking=True))
+
+    def step_fn(step: int) -> StepResult | None:
+        paths = sampler.sample(step)
+        optimizer.zero_grad(set_to_none=True)
+        total_loss, images = 0.0, 0
+        shared = batch(step, 0) if config.shared_batch else None
+        stem_out = supernet.forward_stem(shared[0]) if shared is not None else None
+
+        for k, path in enumerate(paths):
+            x, y = shared if shared is not None else batch(step, k)
+            h = stem_out if stem_out is not None else supernet.forward_stem(x)
+            loss = F.cross_entropy(supernet.forward_path(h, path), y,
+                                   label_smoothing=config.label_smoothing)
+            if not _check_finite(loss, step, str(path)):
+                return _non_finite(step, f"loss on path {path}")
+            last = k == len(paths) - 1
+            (loss * scale).backward(retain_graph=stem_out is not None and not last)
+            total_loss += loss.item()
+            images += len(y)
+
+        all_reduce_gradients(supernet, dist)
+        if not _grads_finite(supernet):
+            return _non_finite(step, f"gradient in the step of paths {[str(p) for p in paths]}")
+        optimizer.step()
+        ledger.record(paths)
+        return StepResult(total_loss / len(paths), images * dist.world_size)
+
+    def _non_finite(step: int, what: str) -> None:
+        if config.on_nonfinite == "skip":
+            logger.warning("supernet step %d: non-finite %s; step skipped", step, what)
+            optimizer.zero_grad(set_to_none=True)
+            ledger.skipped_steps += 1
+            return None
+        raise NonFiniteError(
+            f"supernet step {step}: non-finite {what}. Training stopped; the last good "
+            f"checkpoint is {loop.checkpoint_path}. Lower supernet.lr, or set "
+            f"supernet.on_nonfinite=skip to skip such steps."
+        )
+
+    start = time.perf_counter()
+    loop.run(step_fn)
+    summary = {"steps": loop.step, "seconds": time.perf_counter() - start,
+               "sampler": config.sampler, "ledger": ledger.summary()}
+    if dist.is_main:
+        atomic_write_json(out_dir / "ledger.json", ledger.to_json())
+        atomic_torch_save(out_dir / "supernet.pt", {"model": supernet.state_dict(),
+                                                    "space": supernet.space.to_dict(),
+                                                    "ledger": ledger.state_dict()})
+    return summary
+
+
+def train_standalone(
+    arch: Architecture | nn.Module,
+    splits: DataSplits,
+    config: TrainConfig,
+    out_dir: Path,
+    *,
+    device: str | torch.device = "cpu",
+    dist: DistContext | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = True,
+    test_split: TensorSplit | None = None,
+) -> dict[str, Any]:
+    """Train one network from scratch (or fine-tune a given module); report test accuracy."""
+    dist = dist or DistContext.single()
+    out_dir = Path(out_dir)
+    torch.manual_seed(config.seed)
+    model = SinglePathNet(arch) if isinstance(arch, Architecture) else arch
+    model.to(device).train()
+    plan = BatchPlan(len(splits.train), config.batch_size, seed=config.seed,
+                     rank=dist.rank, world_size=dist.world_size)
+    steps_per_epoch = len(plan)
+    total_steps = _steps(config.epochs, None, steps_per_epoch)
+    optimizer = make_sgd(model, lr=config.lr, momentum=config.momentum,
+                         nesterov=config.nesterov, weight_decay=config.weight_decay)
+    arch_text = str(arch) if isinstance(arch, Architecture) else type(arch).__name__
+    loop = TrainingLoop(
+        name="standalone", model=model, optimizer=optimizer, out_dir=out_dir,
+        total_steps=total_steps, steps_per_epoch=steps_per_epoch, base_lr=config.lr,
+        warmup_steps=config.warmup_steps, log_interval=config.log_interval,
+        config={**asdict(config), "arch": arch_text}, dist=dist,
+        checkpoint_every=checkpoint_every,
+        epoch_end=lambda epoch: {"val_accuracy": accuracy(model, splits.val, device=device)},
+    )
+    if resume:
+        loop.resume()
+    train = splits.train
+
+    def step_fn(step: int) -> StepResult:
+        epoch, position = divmod(step, steps_per_epoch)
+        indices = next(plan.batches(epoch, position))
+        x = train.images[indices].to(device, non_blocking=True)
+        y = train.labels[indices].to(device, non_blocking=True)
+
+        loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"stand-alone step {step}: non-finite loss for {arch_text}; "
+                                 f"the last good checkpoint is {loop.checkpoint_path}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_gradients(model, dist)
+        optimizer.step()
+        return StepResult(loss.item(), len(y) * dist.world_size)
+
+    start = time.perf_counter()
+    loop.run(step_fn)
+    test = test_split if test_split is not None else splits.test
+    result = {
+        "arch": arch_text,
+        "steps": loop.step,
+        "seconds": time.perf_counter() - start,
+        "val_accuracy": accuracy(model, splits.val, device=device),
+        "test_accuracy": accuracy(model, test, device=device),
+    }
+    if dist.is_main:
+        atomic_torch_save(out_dir / "model.pt", {"model": model.state_dict(), "arch": arch_text})
+        atomic_write_json(out_dir / "result.json", result)
+    return result
