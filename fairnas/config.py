@@ -71,6 +71,9 @@ class SearchConfig:
     max_params: int | None = None
     mutation_prob: float | None = None  # per-layer; None: 1 / number of layers
     crossover_prob: float = 0.9
+    # candidates per evaluate() call; None: a whole generation at once. Smaller batches persist
+    # progress more often (a resume redoes at most one batch) and never change the result
+    eval_batch: int | None = None
 
 
 @dataclass
