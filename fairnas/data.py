@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from fairnas.config import DataConfig
+
 logger = logging.getLogger(__name__)
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -217,3 +219,15 @@ def iterate_in_order(split: TensorSplit, batch_size: int) -> Iterator[tuple[torc
     """Fixed-order batches of a split, for evaluation and calibration."""
     for start in range(0, len(split), batch_size):
         yield split.images[start:start + batch_size], split.labels[start:start + batch_size]
+
+
+def load_splits(config: DataConfig) -> DataSplits:
+    """The data set a configuration names, split for NAS."""
+    root = Path(config.root) if config.root else None
+    if config.dataset == "fashion-mnist":
+        return load_fashion_mnist(root, val_size=config.val_size, calib_size=config.calib_size,
+                                  split_seed=config.split_seed, train_limit=config.train_limit,
+                                  test_limit=config.test_limit)
+    raise ValueError(
+        f"data.dataset {config.dataset!r} is not supported for NAS runs yet; use fashion-mnist"
+    )

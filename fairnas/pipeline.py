@@ -1,0 +1,250 @@
+"""The whole FairNAS pipeline in one run folder: supernet, search, retraining, report.
+
+Layout of a run folder::
+
+    config.yaml        the resolved configuration
+    manifest.json      per stage: status, seconds, summary, files written
+    supernet/          checkpoint.pt, supernet.pt, ledger.json, metrics.jsonl, tensorboard/
+    search/            candidates.jsonl, generations/, state.json, front.{json,csv,png}
+    retrain/           checkpoint.pt, model.pt, result.json, metrics.jsonl
+    report.md          the Pareto front and the retrained architecture's test accuracy
+
+Each stage resumes from its own checkpoint; a stage the manifest marks as done is skipped. A
+re-run under a configuration that changes the result is refused, naming the changed keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from fairnas.arch import Architecture
+from fairnas.config import RunConfig, config_to_dict, differing_keys, save_config
+from fairnas.costs import cost_model
+from fairnas.data import DataSplits, load_splits
+from fairnas.distributed import DistContext
+from fairnas.evaluate import CandidateEvaluator
+from fairnas.io import atomic_write_json, atomic_write_text, load_checkpoint
+from fairnas.network import Supernet
+from fairnas.space import SearchSpace, get_space
+from fairnas.training import train_standalone, train_supernet
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("supernet", "search", "retrain")
+# Keys whose change does not change what a finished stage produced.
+HARMLESS_KEYS = {"out_dir", "device", "threads", "supernet.log_interval", "train.log_interval",
+                 "data.root"}
+# Which config sections each stage's result depends on.
+STAGE_KEYS = {
+    "supernet": ("space", "data.", "supernet."),
+    "search": ("space", "data.", "supernet.", "eval.", "search."),
+    "retrain": ("space", "data.", "supernet.", "eval.", "search.", "train."),
+}
+
+
+class RunContext:
+    """What every stage needs: the config, the space, the data, the device, the folders."""
+
+    def __init__(self, config: RunConfig, *, dist: DistContext | None = None) -> None:
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.device = torch.device(config.device)
+        self.dist = dist or DistContext.single()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+
+    @cached_property
+    def space(self) -> SearchSpace:
+        return get_space(self.config.space)
+
+    @cached_property
+    def splits(self) -> DataSplits:
+        splits = load_splits(self.config.data)
+        check_space_fits_data(self.space, splits)
+        return splits
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out_dir / stage
+
+
+def check_space_fits_data(space: SearchSpace, splits: DataSplits) -> None:
+    problems = []
+    if space.input_channels != splits.input_channels:
+        problems.append(f"input channels {space.input_channels} vs {splits.input_channels}")
+    if space.num_classes != splits.num_classes:
+        problems.append(f"classes {space.num_classes} vs {splits.num_classes}")
+    if space.input_size != splits.input_size:
+        problems.append(f"input size {space.input_size} vs {splits.input_size}")
+    if problems:
+        raise ValueError(f"search space {space.name!r} does not fit the data: "
+                         f"{'; '.join(problems)} (space vs data)")
+
+
+def load_supernet(path: Path, space: SearchSpace, device: torch.device) -> tuple[Supernet, dict]:
+    """A trained supernet from ``supernet.pt``; refuses one trained on another space."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "model" not in state or "space" not in state:
+        raise ValueError(f"{path} is not a fairnas supernet file (expected keys model, space)")
+    if state["space"] != space.to_dict():
+        changed = differing_keys(state["space"], space.to_dict())
+        raise ValueError(f"{path} was trained on another search space (differs in "
+                         f"{', '.join(changed)}); use the space it was trained on")
+    supernet = Supernet(space)
+    supernet.load_state_dict(state["model"])
+    return supernet.to(device).eval(), state
+
+
+def run_supernet_stage(ctx: RunContext) -> dict[str, Any]:
+    supernet = Supernet(ctx.space)
+    torch.manual_seed(ctx.config.supernet.seed)
+    supernet.reset_parameters()
+    return train_supernet(supernet, ctx.splits, ctx.config.supernet, ctx.stage_dir("supernet"),
+                          device=ctx.device, dist=ctx.dist)
+
+
+def run_search_stage(ctx: RunContext, supernet_path: Path | None = None) -> dict[str, Any]:
+    from fairnas.search import run_search
+
+    path = supernet_path or ctx.stage_dir("supernet") / "supernet.pt"
+    supernet, _ = load_supernet(path, ctx.space, ctx.device)
+    evaluator = CandidateEvaluator(supernet, ctx.splits, ctx.config.eval, device=ctx.device)
+    result = run_search(ctx.space, evaluator.evaluate_many, config=ctx.config.search,
+                        out_dir=ctx.stage_dir("search"))
+    return {"front": result.front, "evaluated": len(result.records),
+            "evaluation": evaluator.timing()}
+
+
+def chosen_architecture(ctx: RunContext) -> tuple[Architecture, dict[str, Any]]:
+    """The front member to retrain, by ``train.pick`` and ``train.max_madds``."""
+    from fairnas.search import load_front, select_for_retraining
+
+    front = load_front(ctx.stage_dir("search"))
+    record = select_for_retraining(front, pick=ctx.config.train.pick,
+                                   max_madds=ctx.config.train.max_madds)
+    return Architecture.from_string(ctx.space, record["arch"]), record
+
+
+def run_retrain_stage(ctx: RunContext) -> dict[str, Any]:
+    arch, record = chosen_architecture(ctx)
+    logger.info("retraining %s (supernet accuracy %.4f, %d multiply-adds)", arch,
+                record["accuracy"], record["madds"])
+    result = train_standalone(arch, ctx.splits, ctx.config.train, ctx.stage_dir("retrain"),
+                              device=ctx.device, dist=ctx.dist)
+    return {**result, "supernet_accuracy": record["accuracy"],
+            **asdict(cost_model(ctx.space).cost(arch))}
+
+
+STAGE_FUNCTIONS = {
+    "supernet": run_supernet_stage,
+    "search": run_search_stage,
+    "retrain": run_retrain_stage,
+}
+
+
+class Manifest:
+    """``manifest.json``: which stages are done, when, and what they wrote."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / "manifest.json"
+        self.data: dict[str, Any] = {"stages": {}}
+        if self.path.exists():
+            import json
+
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+
+    def done(self, stage: str) -> bool:
+        return self.data["stages"].get(stage, {}).get("status") == "done"
+
+    def record(self, stage: str, *, seconds: float, summary: dict[str, Any],
+               folder: Path) -> None:
+        files = sorted(str(p.relative_to(folder.parent)) for p in folder.rglob("*")
+                       if p.is_file() and not p.name.startswith("."))
+        self.data["stages"][stage] = {"status": "done", "seconds": round(seconds, 1),
+                                      "files": files, "summary": summary}
+        atomic_write_json(self.path, self.data)
+
+
+def check_rerun_config(out_dir: Path, config: RunConfig, manifest: Manifest) -> None:
+    """Refuse to continue a run folder whose finished stages used a different config."""
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    changed = [k for k in differing_keys(saved, config_to_dict(config)) if k not in HARMLESS_KEYS]
+    for stage in STAGES:
+        if not manifest.done(stage) and not (out_dir / stage).exists():
+            continue
+        conflicts = [k for k in changed if k.startswith(STAGE_KEYS[stage])]
+        if conflicts:
+            raise ValueError(
+                f"{out_dir} holds a '{stage}' stage made with a different configuration "
+                f"({', '.join(conflicts)} changed). Use a new --out-dir, or restore those values."
+            )
+
+
+def run_pipeline(config: RunConfig, *, dist: DistContext | None = None) -> dict[str, Any]:
+    """Run (or continue) every stage; returns the report's content."""
+    ctx = RunContext(config, dist=dist)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(ctx.out_dir)
+    check_rerun_config(ctx.out_dir, config, manifest)
+    if ctx.dist.is_main:
+        save_config(ctx.out_dir / "config.yaml", config)
+    for stage in STAGES:
+        if manifest.done(stage):
+            logger.info("stage %s: already done, skipped", stage)
+            continue
+        logger.info("stage %s: starting", stage)
+        start = time.perf_counter()
+        summary = STAGE_FUNCTIONS[stage](ctx)
+        ctx.dist.barrier()
+        if ctx.dist.is_main:
+            manifest.record(stage, seconds=time.perf_counter() - start, summary=summary,
+                            folder=ctx.stage_dir(stage))
+    report = build_report(ctx, manifest)
+    if ctx.dist.is_main:
+        atomic_write_text(ctx.out_dir / "report.md", report["markdown"])
+    return report
+
+
+def build_report(ctx: RunContext, manifest: Manifest) -> dict[str, Any]:
+    from fairnas.search import load_front
+
+    front = sorted(load_front(ctx.stage_dir("search")), key=lambda r: r["madds"])
+    retrain = manifest.data["stages"]["retrain"]["summary"]
+    seconds = {s: manifest.data["stages"][s]["seconds"] for s in STAGES}
+    lines = [
+        f"# FairNAS run: {ctx.out_dir}",
+        "",
+        f"Space `{ctx.space.name}` ({ctx.space.size:,} architectures), sampler "
+        f"`{ctx.config.supernet.sampler}`. Stage times (s): "
+        + ", ".join(f"{k} {v}" for k, v in seconds.items()) + ".",
+        "",
+        "## Pareto front (supernet accuracy on held-out validation images)",
+        "",
+        "| architecture | supernet accuracy | multiply-adds | parameters |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for record in front:
+        lines.append(f"| `{record['arch']}` | {record['accuracy']:.4f} | {record['madds']:,} | "
+                     f"{record['params']:,} |")
+    lines += [
+        "",
+        "## Retrained from scratch",
+        "",
+        f"`{retrain['arch']}`: test accuracy **{retrain['test_accuracy']:.4f}** "
+        f"(validation {retrain['val_accuracy']:.4f}, supernet {retrain['supernet_accuracy']:.4f}), "
+        f"{retrain['madds']:,} multiply-adds, {retrain['params']:,} parameters, "
+        f"{retrain['steps']} steps in {retrain['seconds']:.0f} s.",
+        "",
+    ]
+    return {"front": front, "retrained": retrain, "seconds": seconds,
+            "markdown": "\n".join(lines)}
