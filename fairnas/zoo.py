@@ -198,3 +198,18 @@ def _preset_names() -> set[str]:
     from fairnas.space import SPACES
 
     return set(SPACES)
+
+
+def se_gate_multiplies(arch: Architecture) -> int:
+    """Multiplies of the squeeze-excite gates: one per gated element of every SE block.
+
+    The project's multiply-add count, like the paper's for the plain models, covers convolutions
+    and the classifier only. The paper's SE figures (392 / 349 / 325 M) also count the gating
+    products; adding this number to the multiply-adds reproduces them.
+    """
+    space = arch.space
+    total = 0
+    for spec, choice in zip(space.layers, arch.layer_choices(), strict=True):
+        if int(round(spec.in_channels * space.block_se_ratio(choice))) > 0:
+            total += int(round(spec.in_channels * choice.expansion)) * spec.output_size ** 2
+    return total

@@ -1,0 +1,253 @@
+"""Commands for models as artefacts: ``profile``, ``validate``, ``prepare-imagenet``,
+``transfer`` and ``export``.
+
+Each takes a published model by name (``--model fairnas_a_se``) or any architecture of a space
+(``--space imagenet --arch k7e3-k3e3-...``, or ``--arch FILE.json`` as written by ``export``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fairnas.arch import Architecture
+from fairnas.cli import emit
+from fairnas.costs import cost_model
+from fairnas.space import get_space
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_profile(subparsers)
+    _register_validate(subparsers)
+    _register_prepare_imagenet(subparsers)
+
+
+# -- choosing a model ---------------------------------------------------------------------------
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="NAME",
+                        help="a published model: fairnas_a, fairnas_b_se, fairnas_c_se_0.5, "
+                             "fairnas_a_se_transfer, ... (release spellings such as FairNAS_A "
+                             "and file names are accepted)")
+    parser.add_argument("--space", metavar="NAME",
+                        help="search space of --arch: a preset (imagenet, imagenet18, fmnist, "
+                             "tiny) or a published family's space (imagenet_se1, ...); default "
+                             "imagenet, or the space named in an --arch JSON file")
+    parser.add_argument("--arch", metavar="ARCH",
+                        help="architecture string (k7e3-k3e3-...), JSON, or a JSON file")
+
+
+def selected_architecture(args: argparse.Namespace) -> tuple[str, Architecture]:
+    """The model the arguments name: a label for messages and its architecture."""
+    from fairnas.zoo import get_model
+
+    if args.model and args.arch:
+        raise ValueError("give either --model or --arch, not both")
+    if args.model:
+        entry = get_model(args.model)
+        return entry.name, entry.architecture
+    if not args.arch:
+        raise ValueError("no model given: use --model NAME, or --space NAME --arch STRING")
+    return "architecture", parse_architecture(args.arch, args.space)
+
+
+def parse_architecture(text: str, space_name: str | None = None) -> Architecture:
+    """An architecture from a string, a JSON object, or a file holding either."""
+    from fairnas.zoo import space_by_name
+
+    if not text.lstrip().startswith("{") and os.path.isfile(text):
+        text = Path(text).read_text(encoding="utf-8")
+    if not text.lstrip().startswith("{"):
+        return Architecture.from_string(space_by_name(space_name or "imagenet"), text)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--arch is neither an architecture string nor valid JSON: {error}") \
+            from error
+    named = obj.get("space") if isinstance(obj, dict) else None
+    if space_name:
+        space = space_by_name(space_name)
+    elif isinstance(named, str):
+        space = space_by_name(named)
+    elif isinstance(named, dict):
+        space = get_space(named)
+    else:
+        space = space_by_name("imagenet")
+    return Architecture.from_json(obj, space)
+
+
+def _checkpoint_model(args: argparse.Namespace) -> tuple[str, Any]:
+    """The selected network with the weights of ``--checkpoint`` loaded strictly."""
+    from fairnas.network import SinglePathNet
+    from fairnas.pretrained import load_pretrained
+
+    label, arch = selected_architecture(args)
+    model = load_pretrained(args.model if args.model else SinglePathNet(arch), args.checkpoint)
+    return label, model
+
+
+# -- profile ------------------------------------------------------------------------------------
+
+
+def _register_profile(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "profile", help="parameters and multiply-adds of a published model or an architecture",
+        description="Parameters and multiply-adds (convolutions and the classifier, as the "
+                    "paper counts them). Without --model or --arch, every published model.",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--input-size", type=int, metavar="N",
+                        help="input side in pixels (default: the space's, 224 for ImageNet)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run_profile)
+
+
+def profile_architecture(arch: Architecture, input_size: int | None = None) -> dict[str, Any]:
+    """Parameters and multiply-adds of ``arch`` at ``input_size`` (default: the space's)."""
+    from fairnas.zoo import se_gate_multiplies
+
+    if input_size is not None:
+        if input_size < 1:
+            raise ValueError(f"input size should be a positive integer, got {input_size}")
+        arch = Architecture(arch.space.with_options(input_size=input_size), arch.indices)
+    cost = cost_model(arch.space).cost(arch)
+    result = {"space": arch.space.name, "arch": str(arch), "input_size": arch.space.input_size,
+              "params": cost.params, "madds": cost.madds}
+    gates = se_gate_multiplies(arch)
+    if gates:
+        result["se_gate_multiplies"] = gates
+        result["madds_with_se_gates"] = cost.madds + gates
+    return result
+
+
+def _profile_line(label: str, result: dict[str, Any]) -> str:
+    size = result["input_size"]
+    line = (f"{label:<28} {result['params']:>11,} params  {result['madds']:>14,} madds "
+            f"({result['madds'] / 1e6:.2f} M at {size}x{size})")
+    if "madds_with_se_gates" in result:
+        line += f"  {result['madds_with_se_gates'] / 1e6:.2f} M with SE gates"
+    return line
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from fairnas.zoo import ZOO
+
+    if args.model or args.arch:
+        label, arch = selected_architecture(args)
+        result = {"model": label, **profile_architecture(arch, args.input_size)}
+        emit(result, args.json, _profile_line(label, result))
+        return 0
+    results = [{"model": name, **profile_architecture(entry.architecture, args.input_size)}
+               for name, entry in ZOO.items()]
+    emit({"models": results}, args.json,
+         "\n".join(_profile_line(r["model"], r) for r in results))
+    return 0
+
+
+# -- validate -----------------------------------------------------------------------------------
+
+
+def _register_validate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "validate", help="top-1/top-5 of a checkpoint with the published evaluation protocol",
+        description="Evaluate a checkpoint the way the released models were measured: resize "
+                    "256 (bilinear), center crop 224, ImageNet mean and std; top-1 and top-5 "
+                    "over every image. Data: a tree of class folders (ImageNet validation "
+                    "after prepare-imagenet) or CIFAR-10 in torchvision's local format.",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                        help="released file (any of its layouts) or a project checkpoint")
+    parser.add_argument("--data-root", required=True, metavar="DIR",
+                        help="class-folder tree (or its parent with val/), or CIFAR-10's folder")
+    parser.add_argument("--dataset", default="auto", choices=("auto", "folder", "cifar10"),
+                        help="data layout (default: detected)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--batch-size", type=int, default=256, metavar="N")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                        help="data-loading processes")
+    parser.add_argument("--resize", type=int, default=256, metavar="N",
+                        help="shorter side before cropping (protocol: 256)")
+    parser.add_argument("--crop", type=int, default=224, metavar="N",
+                        help="center crop (protocol: 224)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run_validate)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from fairnas.imagenet import (
+        eval_transform,
+        evaluate,
+        num_classes_of,
+        open_dataset,
+        resolve_device,
+    )
+    from fairnas.zoo import get_model
+
+    device = resolve_device(args.device)
+    label, model = _checkpoint_model(args)
+    dataset, description = open_dataset(args.dataset, args.data_root, train=False,
+                                        transform=eval_transform(resize=args.resize,
+                                                                 crop=args.crop))
+    classes = num_classes_of(dataset)
+    if classes > model.space.num_classes:
+        raise ValueError(f"{description} has {classes} classes, but {label} predicts "
+                         f"{model.space.num_classes}")
+    if classes != model.space.num_classes:
+        logger.warning("%s has %d classes, %s predicts %d: labels are the sorted class "
+                       "folders' positions", description, classes, label,
+                       model.space.num_classes)
+    scores = evaluate(model, dataset, batch_size=args.batch_size, workers=args.workers,
+                      device=device)
+    result = {"model": label, "checkpoint": str(args.checkpoint), "data": description, **scores}
+    text = (f"{label} on {description}: top-1 {scores['top1']:.2f}%, top-5 "
+            f"{scores['top5']:.2f}% over {scores['images']} images "
+            f"({scores['images_per_second']:.0f} images/s)")
+    if args.model:
+        entry = get_model(args.model)
+        result["reported_top1"], result["reported_top5"] = entry.top1, entry.top5
+        text += f"; reported on {entry.dataset}: top-1 {entry.top1}"
+    emit(result, args.json, text)
+    return 0
+
+
+# -- prepare-imagenet ---------------------------------------------------------------------------
+
+
+def _register_prepare_imagenet(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare-imagenet", help="move the ILSVRC2012 validation images into class folders",
+        description="Arrange the 50,000 flat ILSVRC2012_val_*.JPEG images into one folder per "
+                    "class (wnid) using the ground truth of the official devkit archive. Safe "
+                    "to interrupt and to run again.",
+    )
+    parser.add_argument("--root", required=True, metavar="DIR",
+                        help="folder with ILSVRC2012_devkit_t12.tar.gz and val/ (flat images) "
+                             "or ILSVRC2012_img_val.tar")
+    parser.add_argument("--devkit", metavar="FILE",
+                        help="devkit archive or folder (default ROOT/ILSVRC2012_devkit_t12.tar.gz)")
+    parser.add_argument("--val-archive", metavar="FILE",
+                        help="images archive (default ROOT/ILSVRC2012_img_val.tar, if present)")
+    parser.add_argument("--val-dir", metavar="DIR",
+                        help="where the class folders go (default ROOT/val)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run_prepare_imagenet)
+
+
+def run_prepare_imagenet(args: argparse.Namespace) -> int:
+    from fairnas.imagenet import prepare_imagenet
+
+    summary = prepare_imagenet(args.root, devkit=args.devkit, val_archive=args.val_archive,
+                               val_dir=args.val_dir)
+    text = (f"{summary['images']} images in {summary['classes']} class folders under "
+            f"{summary['val_dir']} (moved {summary['moved']}, extracted {summary['extracted']}, "
+            f"missing {summary['missing']})")
+    emit(summary, args.json, text)
+    return 0
