@@ -59,7 +59,8 @@ def recalibrate_bn(
     """Set ``bns`` (default: all BN layers of ``model``) to the exact statistics of ``batches``.
 
     During the pass BN layers normalise with batch statistics (train mode), as in training;
-    dropout and other layers run in eval mode. Returns the number of images seen.
+    dropout and other layers run in eval mode. Every module's train/eval flag is restored
+    afterwards. Returns the number of images seen.
     """
     forward = forward or model
     bns = bns if bns is not None else batch_norms([model])
@@ -73,6 +74,7 @@ def recalibrate_bn(
         entry[1] = entry[1] + (x * x).sum(dims)
         entry[2] += x.numel() // x.shape[1]
 
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     for bn in bns:
         bn.train()
@@ -86,6 +88,8 @@ def recalibrate_bn(
     finally:
         for handle in handles:
             handle.remove()
+        for module, mode in modes:
+            module.training = mode
     if images == 0:
         raise ValueError("BN recalibration needs at least one calibration image")
     for bn in bns:
