@@ -288,6 +288,8 @@ def train_supernet(
     def step_fn(step: int) -> StepResult | None:
         paths = sampler.sample(step)
         optimizer.zero_grad(set_to_none=True)
+        # BN running statistics move during the forward passes; a skipped step must undo that.
+        buffers = [b.clone() for b in supernet.buffers()] if config.on_nonfinite == "skip" else []
         total_loss, images = 0.0, 0
         shared = batch(step, 0) if config.shared_batch else None
         stem_out = supernet.forward_stem(shared[0]) if shared is not None else None
@@ -298,7 +300,7 @@ def train_supernet(
             loss = F.cross_entropy(supernet.forward_path(h, path), y,
                                    label_smoothing=config.label_smoothing)
             if not _check_finite(loss, step, str(path)):
-                return _non_finite(step, f"loss on path {path}")
+                return _non_finite(step, f"loss on path {path}", buffers)
             last = k == len(paths) - 1
             (loss * scale).backward(retain_graph=stem_out is not None and not last)
             total_loss += loss.item()
@@ -306,15 +308,19 @@ def train_supernet(
 
         all_reduce_gradients(supernet, dist)
         if not _grads_finite(supernet):
-            return _non_finite(step, f"gradient in the step of paths {[str(p) for p in paths]}")
+            return _non_finite(step, f"gradient in the step of paths {[str(p) for p in paths]}",
+                               buffers)
         optimizer.step()
         ledger.record(paths)
         return StepResult(total_loss / len(paths), images * dist.world_size)
 
-    def _non_finite(step: int, what: str) -> None:
+    def _non_finite(step: int, what: str, buffers: list[torch.Tensor]) -> None:
         if config.on_nonfinite == "skip":
             logger.warning("supernet step %d: non-finite %s; step skipped", step, what)
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(supernet.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
             ledger.skipped_steps += 1
             return None
         raise NonFiniteError(
