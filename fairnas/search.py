@@ -731,13 +731,15 @@ def _front_png(space: SearchSpace, config: SearchConfig, records: list[Candidate
     """Accuracy against multiply-adds; drawn on a bare Figure so pyplot's state is untouched."""
     from matplotlib.figure import Figure  # Figure.savefig renders with Agg: no display needed
 
-    figure = Figure(figsize=(6.4, 4.4), dpi=120)
+    figure = Figure(figsize=(6.4, 4.4), dpi=100)
     axes = figure.subplots()
     axes.scatter([r["madds"] / 1e6 for r in records], [r["accuracy"] for r in records],
                  s=12, color="0.7", label=f"candidates ({len(records)})")
-    axes.plot([r["madds"] / 1e6 for r in front], [r["accuracy"] for r in front], "-o",
-              drawstyle="steps-post",
-              color="tab:red", markersize=5, label=f"Pareto front ({len(front)})")
+    # with two objectives the front is a staircase: the best accuracy at each budget; with
+    # parameters as a third objective its projection here is not a curve, so only markers
+    style = {"drawstyle": "steps-post"} if len(objective_keys(config)) == 2 else {"linestyle": ""}
+    axes.plot([r["madds"] / 1e6 for r in front], [r["accuracy"] for r in front], marker="o",
+              color="tab:red", markersize=5, label=f"Pareto front ({len(front)})", **style)
     if config.max_madds is not None:
         axes.axvline(config.max_madds / 1e6, color="0.3", linestyle="--", linewidth=1,
                      label="max_madds")
@@ -746,7 +748,7 @@ def _front_png(space: SearchSpace, config: SearchConfig, records: list[Candidate
     axes.set_title(f"NSGA-II search on space {space.name!r}")
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right")
-    figure.tight_layout()
+    figure.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.92)  # one draw, not two
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
