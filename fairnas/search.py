@@ -254,13 +254,13 @@ def check_limits(space: SearchSpace, config: SearchConfig) -> None:
     if _cost_frontier(model, config.max_madds, config.max_params) == []:
         under_madds = _cost_frontier(model, config.max_madds, None) or []
         under_params = _cost_frontier(model, None, config.max_params) or []
-        fewest_params = min((p for _, p in under_madds), default=None)
-        fewest_madds = min((m for m, _ in under_params), default=None)
+        fewest_params = f"{min(p for _, p in under_madds):,}" if under_madds else "unknown"
+        fewest_madds = f"{min(m for m, _ in under_params):,}" if under_params else "unknown"
         raise ValueError(
             f"max_madds={config.max_madds:,} and max_params={config.max_params:,} cannot both "
             f"be met in search space {space.name!r}: within max_madds the fewest parameters "
-            f"is {fewest_params:,}, and within max_params the fewest multiply-adds is "
-            f"{fewest_madds:,}"
+            f"is {fewest_params}, and within max_params the fewest multiply-adds is "
+            f"{fewest_madds}"
         )
 
 
@@ -293,11 +293,14 @@ class _FeasibleSampling(Sampling):
                     break
         if not chosen:
             low, _ = model.bounds()
+            limits = " and ".join(f"{name}={value:,}" for name, value in [
+                ("max_madds", self.config.max_madds), ("max_params", self.config.max_params),
+            ] if value is not None)
             raise ValueError(
-                f"no architecture within max_madds={self.config.max_madds} and max_params="
-                f"{self.config.max_params} was found in {tries} random draws from search space "
-                f"{self.space.name!r} (cheapest: {low.madds:,} multiply-adds, {low.params:,} "
-                f"parameters); the limits leave too few architectures to search: loosen them"
+                f"no architecture within {limits or 'the limits'} was found in {tries} random "
+                f"draws from search space {self.space.name!r} (the cheapest has {low.madds:,} "
+                f"multiply-adds, the smallest {low.params:,} parameters); the limits leave too "
+                f"few architectures to search: loosen them"
             )
         if len(chosen) < n_samples:
             logger.warning("initial population has %d distinct feasible architectures, fewer "
@@ -405,10 +408,10 @@ class _Evaluations:
                 raise RuntimeError(f"feasible candidate {row} has no evaluation; state.json and "
                                    f"candidates.jsonl do not belong together")
             accuracy = record["accuracy"] if record is not None else 0.0
-            values = [-accuracy, float(cost.madds)]
+            score = [-accuracy, float(cost.madds)]
             if self.config.use_params:
-                values.append(float(cost.params))
-            scores.append(values)
+                score.append(float(cost.params))
+            scores.append(score)
             excess = []
             if self.config.max_madds is not None:
                 excess.append(cost.madds / self.config.max_madds - 1.0)
@@ -445,6 +448,7 @@ class NsgaSearch:
         # termination keeps a history that would not survive a resume
         self.algorithm.setup(self.problem, termination=NoTermination(), seed=config.seed,
                              verbose=False)
+        self._offspring: Population | None = None
 
     def ask(self) -> np.ndarray | None:
         """The next candidates (choice indices per row); ``None`` when no new one can be bred."""
@@ -513,14 +517,20 @@ def _settings(space: SearchSpace, config: SearchConfig,
                    "fingerprint": dict(fingerprint or {})})
 
 
-def _check_resumable(state: Mapping[str, Any], settings: Mapping[str, Any], path: Path) -> None:
+def _check_resumable(state: Mapping[str, Any], settings: Mapping[str, Any], reached: int,
+                     path: Path) -> None:
+    """Refuse to continue a search whose result would differ from a fresh run with ``settings``.
+
+    Only the number of generations may change, and not below ``reached`` (the last generation
+    with any evaluation): the trajectory does not depend on it, so the search just stops
+    elsewhere, and its files end up as those of an uninterrupted run with the new count.
+    """
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} has state format {state.get('format')!r}, expected "
                          f"{STATE_FORMAT}; start over with resume=False or use another folder")
     differing = differing_keys(state["settings"], dict(settings))
-    done = state["generation"]
-    if "search.generations" in differing and settings["search"]["generations"] >= done:
-        differing.remove("search.generations")  # fewer or more generations: same trajectory
+    if "search.generations" in differing and settings["search"]["generations"] >= reached:
+        differing.remove("search.generations")
     if differing:
         detail = ", ".join(
             f"{key} (was {_lookup(state['settings'], key)!r}, now {_lookup(settings, key)!r})"
@@ -578,8 +588,10 @@ def _open_run(paths: Mapping[str, Path], settings: Mapping[str, Any],
             )
         return None, []
     state = json.loads(paths["state"].read_text(encoding="utf-8"))
-    _check_resumable(state, settings, paths["state"])
-    return state, _load_records(paths["candidates"])
+    records = _load_records(paths["candidates"])
+    reached = max([state["generation"]] + [r["generation"] for r in records])
+    _check_resumable(state, settings, reached, paths["state"])
+    return state, records
 
 
 def _validate(space: SearchSpace, config: SearchConfig) -> None:
@@ -622,7 +634,7 @@ def run_search(
     ``fingerprint`` holds settings outside ``config`` that change accuracies (supernet
     checkpoint, evaluation images); it is saved and a resume with other values is refused.
     ``config.generations`` may differ on resume as long as it is not below the generations
-    already run: the trajectory does not depend on it, so the search simply stops elsewhere.
+    already reached: the trajectory does not depend on it, so the search just stops elsewhere.
     """
     _validate(space, config)
     check_limits(space, config)

@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -102,11 +103,22 @@ def skip_fsync() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, skip_fsync: None) -> dict[str, str]:
-    """The files of an uninterrupted TINY4 run with CONFIG, for the resume tests to match."""
+def reference_dir(tmp_path_factory: pytest.TempPathFactory, skip_fsync: None) -> Path:
+    """An uninterrupted TINY4 run with CONFIG: what every resume must end as."""
     out_dir = tmp_path_factory.mktemp("reference")
     run_search(TINY4, CountingEvaluator(), config=CONFIG, out_dir=out_dir)
-    return output_texts(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir: Path) -> dict[str, str]:
+    return output_texts(reference_dir)
+
+
+@pytest.fixture
+def finished_dir(tmp_path: Path, reference_dir: Path) -> Path:
+    """A copy of the finished reference run, to resume."""
+    return Path(shutil.copytree(reference_dir, tmp_path / "finished"))
 
 
 # -- finding the front -------------------------------------------------------------------------
@@ -247,15 +259,15 @@ def test_resume_after_sigkill_mid_generation(tmp_path: Path, reference: dict[str
 
 
 def test_a_finished_search_resumes_without_evaluating(
-    tmp_path: Path, reference: dict[str, str],
+    finished_dir: Path, reference: dict[str, str],
 ) -> None:
-    run_search(TINY4, CountingEvaluator(), config=CONFIG, out_dir=tmp_path)
     again = CountingEvaluator()
-    result = run_search(TINY4, again, config=replace(CONFIG, eval_batch=None), out_dir=tmp_path)
+    result = run_search(TINY4, again, config=replace(CONFIG, eval_batch=None),
+                        out_dir=finished_dir)
 
     assert again.archs == []
     assert result.generations == CONFIG.generations
-    assert output_texts(tmp_path) == reference
+    assert output_texts(finished_dir) == reference
 
 
 def test_more_generations_on_resume_extend_the_same_trajectory(tmp_path: Path) -> None:
@@ -267,6 +279,23 @@ def test_more_generations_on_resume_extend_the_same_trajectory(tmp_path: Path) -
     assert output_texts(tmp_path / "extended") == output_texts(tmp_path / "straight")
 
 
+def test_fewer_generations_on_resume_stop_early_but_not_before_what_was_reached(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(SimulatedCrashError):  # in the middle of generation 4
+        run_search(TINY4, CountingEvaluator(crash_after=47), config=CONFIG, out_dir=tmp_path)
+
+    with pytest.raises(ValueError, match=r"search\.generations \(was 8, now 3\)"):
+        run_search(TINY4, CountingEvaluator(), config=replace(CONFIG, generations=3),
+                   out_dir=tmp_path)
+    shorter = replace(CONFIG, generations=4)
+    run_search(TINY4, CountingEvaluator(), config=shorter, out_dir=tmp_path)
+    run_search(TINY4, CountingEvaluator(), config=shorter, out_dir=tmp_path / "straight")
+    assert output_texts(tmp_path / "straight") == {
+        name: text for name, text in output_texts(tmp_path).items()
+        if not name.startswith("straight")}
+
+
 @pytest.mark.parametrize("change, key", [
     ({"seed": 1}, "search.seed"),
     ({"population": 10}, "search.population"),
@@ -274,14 +303,14 @@ def test_more_generations_on_resume_extend_the_same_trajectory(tmp_path: Path) -
     ({"max_madds": 150_000}, "search.max_madds"),
     ({"generations": 2}, "search.generations"),  # fewer than the 8 already run
 ])
-def test_resume_with_other_settings_is_refused(tmp_path: Path, change: dict, key: str) -> None:
-    run_search(TINY4, CountingEvaluator(), config=CONFIG, out_dir=tmp_path)
-    before = output_texts(tmp_path)
-
+def test_resume_with_other_settings_is_refused(
+    finished_dir: Path, reference: dict[str, str], change: dict, key: str,
+) -> None:
     evaluate = CountingEvaluator()
     with pytest.raises(ValueError, match=rf"different settings: {key}\b"):
-        run_search(TINY4, evaluate, config=replace(CONFIG, **change), out_dir=tmp_path)
-    assert evaluate.archs == [] and output_texts(tmp_path) == before
+        run_search(TINY4, evaluate, config=replace(CONFIG, **change), out_dir=finished_dir)
+
+    assert evaluate.archs == [] and output_texts(finished_dir) == reference
 
 
 def test_resume_in_another_space_or_fingerprint_is_refused(tmp_path: Path) -> None:
