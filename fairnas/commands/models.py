@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_profile(subparsers)
     _register_validate(subparsers)
     _register_prepare_imagenet(subparsers)
+    _register_export(subparsers)
 
 
 # -- choosing a model ---------------------------------------------------------------------------
@@ -250,4 +252,68 @@ def run_prepare_imagenet(args: argparse.Namespace) -> int:
             f"{summary['val_dir']} (moved {summary['moved']}, extracted {summary['extracted']}, "
             f"missing {summary['missing']})")
     emit(summary, args.json, text)
+    return 0
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+def _register_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export", help="write an architecture as JSON, a timm EfficientNet definition, or ONNX",
+        description="Export a published model or any architecture. timm and ONNX exports are "
+                    "checked: the exported model must reproduce PyTorch's outputs on random "
+                    "inputs (within 1e-4).",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="weights to carry over (timm: written beside the definition as "
+                             ".safetensors in timm's names; ONNX: embedded)")
+    parser.add_argument("--format", required=True, choices=("json", "timm", "onnx"))
+    parser.add_argument("--output", required=True, metavar="FILE", help="file to write")
+    parser.add_argument("--input-size", type=int, metavar="N",
+                        help="input side for ONNX and the checks (default: the space's)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip running the exported model against PyTorch")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fairnas import export
+    from fairnas.io import atomic_write_json, save_safetensors
+    from fairnas.network import SinglePathNet
+
+    if args.checkpoint:
+        label, model = _checkpoint_model(args)
+    else:
+        label, arch = selected_architecture(args)
+        model = SinglePathNet(arch).eval()
+    output = Path(args.output)
+    result: dict[str, Any] = {"model": label, "format": args.format, "output": str(output)}
+    try:
+        if args.format == "json":
+            atomic_write_json(output, export.architecture_json(model.arch, name=label))
+        elif args.format == "timm":
+            definition, timm_model = export.to_timm(model)
+            atomic_write_json(output, definition)
+            if args.checkpoint:
+                weights = output.with_suffix(".safetensors")
+                save_safetensors(weights, export.timm_state_dict(model))
+                result["weights"] = str(weights)
+            if not args.no_check:
+                result.update(export.check_timm_export(model, timm_model,
+                                                       input_size=args.input_size))
+        else:
+            export.export_onnx(model, output, input_size=args.input_size)
+            if not args.no_check:
+                result.update(export.check_onnx_export(model, output,
+                                                       input_size=args.input_size))
+    except export.ExportCheckError as error:
+        print(f"fairnas export: check failed: {error}", file=sys.stderr)
+        return 1
+    checks = [f"{k} {v:.2g}" for k, v in result.items() if k.endswith("max_abs_diff")]
+    text = f"wrote {output} ({args.format} export of {label})"
+    text += f"; checked against PyTorch: {', '.join(checks)}" if checks else ""
+    emit(result, args.json, text)
     return 0
