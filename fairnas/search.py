@@ -187,8 +187,13 @@ def select_for_retraining(
 
 
 def load_front(path: str | Path) -> list[CandidateRecord]:
-    """The front saved in a search's ``front.json``."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))["front"]
+    """The front a finished search saved; ``path`` is its ``front.json`` or its folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "front.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the search there has not finished")
+    return json.loads(path.read_text(encoding="utf-8"))["front"]
 
 
 # -- limits ------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def test_finds_the_true_front(tmp_path: Path, space: SearchSpace, config: Search
     result = run_search(space, CountingEvaluator(), config=config, out_dir=tmp_path)
 
     assert summary(result.front) == true_front(space, config)
-    assert load_front(tmp_path / "front.json") == result.front
+    assert load_front(tmp_path / "front.json") == load_front(tmp_path) == result.front
     if config.max_madds is not None:
         assert all(r["madds"] <= config.max_madds for r in result.records)
 
