@@ -131,8 +131,8 @@ class Cifar10(Dataset):
         self.images = np.concatenate(images)
         self.targets = labels
         meta = folder / "batches.meta"
-        self.classes = ([str(n) for n in _read_cifar_pickle(meta)["label_names"]]
-                        if meta.is_file() else [str(i) for i in range(10)])
+        names = _read_cifar_pickle(meta)["label_names"] if meta.is_file() else range(10)
+        self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
         self.transform = transform
 
     def __len__(self) -> int:
