@@ -185,7 +185,8 @@ def _write_devkit(root: Path, truth: list[int]) -> Path:
     synsets = np.zeros((len(WNIDS) + 1, 1), dtype=[(f, "O") for f in fields])
     for i, wnid in enumerate([*WNIDS, "n00001740"]):
         leaf = i < len(WNIDS)
-        synsets[i, 0] = (np.array([[i + 1]]), wnid, f"class {i}", "", np.array([[0 if leaf else 5]]),
+        children = np.array([[0 if leaf else 5]])
+        synsets[i, 0] = (np.array([[i + 1]]), wnid, f"class {i}", "", children,
                          np.zeros((1, 0)), np.array([[0]]), np.array([[1300]]))
     meta = io.BytesIO()
     savemat(meta, {"synsets": synsets})
@@ -236,7 +237,8 @@ def test_prepare_imagenet_moves_flat_images_and_is_idempotent(tmp_path, capsys):
         (val / f"ILSVRC2012_val_{number:08d}.JPEG").write_bytes(_jpeg(number))
     # an earlier run was interrupted: one image already moved, one half-written extraction
     (val / WNIDS[0]).mkdir()
-    os.replace(val / "ILSVRC2012_val_00000001.JPEG", val / WNIDS[0] / "ILSVRC2012_val_00000001.JPEG")
+    first = "ILSVRC2012_val_00000001.JPEG"
+    os.replace(val / first, val / WNIDS[0] / first)
     (val / WNIDS[1] / "ILSVRC2012_val_00000005.JPEG.partial").parent.mkdir()
     (val / WNIDS[1] / "ILSVRC2012_val_00000005.JPEG.partial").write_bytes(b"\xff\xd8")
 
