@@ -249,3 +249,9 @@ def save_config(path: str | Path, config: Any) -> None:
     from fairnas.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+# Public names for the helpers other configuration dataclasses (for example the ranking study's)
+# build on; same functions, unchanged behaviour.
+from_dict = _from_dict
+deep_merge = _deep_merge
