@@ -37,7 +37,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = ("auto", "folder", "cifar10", "fashion-mnist")
 
 
-def eval_transform(*, resize: int = 256, crop: int = 224) -> Callable[[Image.Image], torch.Tensor]:
+def _to_tensor(channels: int) -> list[Callable]:
+    """PIL image -> normalised tensor with the channels the model expects.
+
+    Three channels use ImageNet's statistics. One channel (models searched on the project's
+    Fashion-MNIST space) gets grayscale images normalised as that space was trained.
+    """
+    from torchvision import transforms
+
+    from fairnas.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+    if channels == 3:
+        return [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if channels == 1:
+        return [transforms.Grayscale(1), transforms.ToTensor(),
+                transforms.Normalize((FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,))]
+    raise ValueError(f"input channels should be 1 or 3, got {channels}")
+
+
+def eval_transform(
+    *, resize: int = 256, crop: int = 224, channels: int = 3
+) -> Callable[[Image.Image], torch.Tensor]:
     """The released models' evaluation transform (defaults: resize 256, center crop 224)."""
     from torchvision import transforms
 
@@ -46,13 +66,12 @@ def eval_transform(*, resize: int = 256, crop: int = 224) -> Callable[[Image.Ima
     return transforms.Compose([
         transforms.Resize(resize, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.CenterCrop(crop),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        *_to_tensor(channels),
     ])
 
 
 def train_transform(
-    *, crop: int = 224, scale: tuple[float, float] = (0.2, 1.0)
+    *, crop: int = 224, scale: tuple[float, float] = (0.2, 1.0), channels: int = 3
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Fine-tuning augmentation as the released loader hints: random resized crop and flip."""
     from torchvision import transforms
@@ -60,8 +79,7 @@ def train_transform(
     return transforms.Compose([
         transforms.RandomResizedCrop(crop, scale=scale),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        *_to_tensor(channels),
     ])
 
 
@@ -197,7 +215,7 @@ def open_dataset(kind: str, root: str | os.PathLike, *, train: bool,
     if kind not in DATASETS:
         raise ValueError(f"dataset should be one of {DATASETS}, got {kind!r}")
     root = Path(root)
-    if not root.exists():
+    if not root.exists() and kind != "fashion-mnist":  # Fashion-MNIST is unpacked into root
         raise FileNotFoundError(f"data root {root} does not exist")
     if kind == "auto":
         kind = "cifar10" if find_cifar10_folder(root) is not None else "folder"

@@ -28,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_validate(subparsers)
     _register_prepare_imagenet(subparsers)
     _register_export(subparsers)
+    _register_transfer(subparsers)
 
 
 # -- choosing a model ---------------------------------------------------------------------------
@@ -169,8 +170,9 @@ def _register_validate(subparsers: argparse._SubParsersAction) -> None:
                         help="released file (any of its layouts) or a project checkpoint")
     parser.add_argument("--data-root", required=True, metavar="DIR",
                         help="class-folder tree (or its parent with val/), or CIFAR-10's folder")
-    parser.add_argument("--dataset", default="auto", choices=("auto", "folder", "cifar10"),
-                        help="data layout (default: detected)")
+    parser.add_argument("--dataset", default="auto",
+                        choices=("auto", "folder", "cifar10", "fashion-mnist"),
+                        help="data layout (default: detected; Fashion-MNIST must be named)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--batch-size", type=int, default=256, metavar="N")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
@@ -195,9 +197,10 @@ def run_validate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     label, model = _checkpoint_model(args)
+    transform = eval_transform(resize=args.resize, crop=args.crop,
+                               channels=model.space.input_channels)
     dataset, description = open_dataset(args.dataset, args.data_root, train=False,
-                                        transform=eval_transform(resize=args.resize,
-                                                                 crop=args.crop))
+                                        transform=transform)
     classes = num_classes_of(dataset)
     if classes > model.space.num_classes:
         raise ValueError(f"{description} has {classes} classes, but {label} predicts "
@@ -316,4 +319,84 @@ def run_export(args: argparse.Namespace) -> int:
     text = f"wrote {output} ({args.format} export of {label})"
     text += f"; checked against PyTorch: {', '.join(checks)}" if checks else ""
     emit(result, args.json, text)
+    return 0
+
+
+# -- transfer -----------------------------------------------------------------------------------
+
+
+def _register_transfer(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "transfer", help="fine-tune a model on another data set with a new head (resumable)",
+        description="Fine-tune a published model or any architecture on class folders "
+                    "(DIR/train and DIR/val or DIR/test), CIFAR-10 or Fashion-MNIST: the "
+                    "classifier is replaced by Dropout + Linear for the new classes and the "
+                    "whole network is trained. Rerun the same command to resume.",
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="weights to start from (a released file or a project checkpoint);"
+                             " without it the network starts from scratch")
+    parser.add_argument("--dataset", default="auto",
+                        choices=("auto", "folder", "cifar10", "fashion-mnist"))
+    parser.add_argument("--data-root", required=True, metavar="DIR")
+    parser.add_argument("--out-dir", required=True, metavar="DIR")
+    parser.add_argument("--image-size", type=int, default=224, metavar="N",
+                        help="crop fed to the network (default 224, as the released models)")
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N")
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--warmup-steps", type=int, default=0, metavar="N")
+    parser.add_argument("--weight-decay", type=float, default=4e-5)
+    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--dropout", type=float, default=0.1, help="before the new classifier")
+    parser.add_argument("--val-size", type=int, default=0, metavar="N",
+                        help="training images held out for per-epoch validation")
+    parser.add_argument("--train-limit", type=int, metavar="N")
+    parser.add_argument("--test-limit", type=int, metavar="N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-interval", type=int, default=20, metavar="N")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N",
+                        help="also checkpoint every N steps (always at epoch ends)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="refuse to continue a run already in --out-dir")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run_transfer)
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    from fairnas.config import TrainConfig
+    from fairnas.imagenet import resolve_device
+    from fairnas.network import SinglePathNet
+    from fairnas.transfer import TransferSettings, transfer
+
+    device = resolve_device(args.device)
+    if args.checkpoint:
+        label, model = _checkpoint_model(args)
+    else:
+        label, arch = selected_architecture(args)
+        model = SinglePathNet(arch)
+        logger.warning("no --checkpoint: fine-tuning %s from freshly initialised weights", label)
+    for name in ("epochs", "batch_size", "lr", "log_interval"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} should be positive, got "
+                             f"{getattr(args, name)}")
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                         label_smoothing=args.label_smoothing, seed=args.seed,
+                         log_interval=args.log_interval)
+    settings = TransferSettings(
+        dataset=args.dataset, data_root=str(args.data_root), image_size=args.image_size,
+        dropout=args.dropout, val_size=args.val_size, train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        source=f"{label} ({args.checkpoint})" if args.checkpoint else label,
+    )
+    result = transfer(model, settings, config, args.out_dir, device=device,
+                      resume=not args.no_resume, checkpoint_every=args.checkpoint_every)
+    text = (f"{label} fine-tuned on {result['num_classes']} classes: test top-1 "
+            f"{result['test_top1']:.2f}% over {result['test_images']} images after "
+            f"{result['steps']} steps; model {result['model_file']}, architecture "
+            f"{result['arch_file']}")
+    emit({"model": label, **result}, args.json, text)
     return 0
