@@ -42,6 +42,10 @@ class SupernetConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     batch_size: int = 128
     shared_batch: bool = True  # strict/expectation: all m paths of a step see the same batch
+    # With shared_batch: the stem and fixed first block run once per step and the m paths branch
+    # from their output; gradients equal the plain sequential step up to float rounding. The stem's
+    # BN running statistics then move once per step instead of m times (on the same batch).
+    shared_prefix: bool = True
     grad_reduction: str = "sum"  # sum | mean: how the m paths' gradients combine
     lr: float = 0.1
     warmup_steps: int = 50
@@ -52,6 +56,14 @@ class SupernetConfig:
     seed: int = 0
     log_interval: int = 20
     on_nonfinite: str = "stop"  # stop | skip
+    # Several processes: BN normalises with the statistics of the global batch, so a run equals
+    # one process on the combined batch. Off (plain data parallelism): per-rank statistics, and
+    # the running statistics are averaged across ranks every step so every rank holds the same.
+    sync_bn: bool = False
+    # Device settings, all off by default: chosen for CPU, not measured on a GPU (none here).
+    amp: bool = False  # CUDA only: bf16 autocast for forward passes and loss
+    channels_last: bool = False  # NHWC weights and inputs (tensor cores); slower on this CPU
+    pin_memory: bool = False  # CUDA only: batches staged in pinned memory, copied non-blocking
 
 
 @dataclass
@@ -88,6 +100,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     log_interval: int = 50
+    sync_bn: bool = False  # as supernet.sync_bn
+    amp: bool = False  # as supernet.amp
+    channels_last: bool = False  # as supernet.channels_last
+    pin_memory: bool = False  # as supernet.pin_memory
     pick: str = "best"  # which front member to retrain: best | knee
     max_madds: int | None = None  # retrain the most accurate front member under this cost
 
