@@ -378,10 +378,12 @@ def run_transfer(args: argparse.Namespace) -> int:
         label, arch = selected_architecture(args)
         model = SinglePathNet(arch)
         logger.warning("no --checkpoint: fine-tuning %s from freshly initialised weights", label)
-    for name in ("epochs", "batch_size", "lr", "log_interval"):
+    for name in ("epochs", "batch_size", "log_interval"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} should be positive, got "
                              f"{getattr(args, name)}")
+    if args.lr < 0:  # 0 is allowed: only the BN statistics adapt
+        raise ValueError(f"--lr should be >= 0, got {args.lr}")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                          label_smoothing=args.label_smoothing, seed=args.seed,
