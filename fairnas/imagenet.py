@@ -407,7 +407,7 @@ def prepare_imagenet(
         if target.exists() and target.read_bytes() != source.read_bytes():
             raise ValueError(f"{source} and {target} both exist and differ; remove the wrong "
                              f"one and run again (nothing was moved)")
-    for source, target in moves:
+    for source, target in tqdm(moves, desc="moving", unit="img", disable=None):
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():  # an identical copy is already in place
             source.unlink()
@@ -430,8 +430,10 @@ def _extract_val_archive(archive: Path, val_dir: Path, labels: list[str]) -> int
     """Extract the images not yet in their class folder; returns how many were extracted."""
     extracted = 0
     try:
-        with tarfile.open(archive) as tar:
+        with tarfile.open(archive) as tar, tqdm(total=len(labels), desc="extracting",
+                                                 unit="img", disable=None) as bar:
             for member in tar:
+                bar.update(1)
                 name = Path(member.name).name
                 if not member.isfile() or not _VAL_NAME.match(name):
                     continue
