@@ -51,8 +51,8 @@ def selected_architecture(args: argparse.Namespace) -> tuple[str, Architecture]:
     """The model the arguments name: a label for messages and its architecture."""
     from fairnas.zoo import get_model
 
-    if args.model and args.arch:
-        raise ValueError("give either --model or --arch, not both")
+    if args.model and (args.arch or args.space):
+        raise ValueError("give either --model, or --arch (with --space), not both")
     if args.model:
         entry = get_model(args.model)
         return entry.name, entry.architecture
