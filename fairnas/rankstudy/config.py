@@ -87,6 +87,22 @@ class RankStudyConfig:
     top_k: list = field(default_factory=lambda: [5, 10])
 
 
+def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys of ``saved`` whose value differs in ``current``.
+
+    Keys only ``current`` has are settings added to the code after ``saved`` was written; their
+    defaults keep the old behaviour, so they do not count as changes.
+    """
+    changed = []
+    for key, old in saved.items():
+        new = current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{key}.{sub}" for sub in changed_keys(old, new)]
+        elif key not in current or old != new:
+            changed.append(key)
+    return changed
+
+
 # Keys whose change leaves every finished result valid: outputs are keyed by sampler, by
 # architecture and by seed, and the statistics are recomputed on every run.
 RERUN_SAFE_KEYS = {
@@ -101,17 +117,21 @@ def resolve_rank_study_config(
     path: str | Path | None = None, overrides: list[str] | None = None,
 ) -> RankStudyConfig:
     """Study defaults, then the YAML file, then ``--set`` overrides; validated."""
-    data = asdict(RankStudyConfig())
+    data: dict[str, Any] = {}
     if path is not None:
-        data = deep_merge(data, load_yaml(path))
+        data = load_yaml(path)
     for text in overrides or []:
         data = deep_merge(data, parse_override(text))
     return rank_study_config_from_dict(data)
 
 
 def rank_study_config_from_dict(data: dict[str, Any]) -> RankStudyConfig:
-    """Build and validate; unknown keys are refused with a suggestion."""
-    config = from_dict(RankStudyConfig, data)
+    """Build over the study's defaults and validate; unknown keys are refused with a suggestion.
+
+    The defaults are merged in as data first because a section given in ``data`` would
+    otherwise start from its class defaults (``SupernetConfig``'s, say), not the study's.
+    """
+    config = from_dict(RankStudyConfig, deep_merge(asdict(RankStudyConfig()), data))
     validate(config)
     return config
 

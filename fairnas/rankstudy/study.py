@@ -31,7 +31,7 @@ import yaml
 
 from fairnas import training
 from fairnas.arch import Architecture
-from fairnas.config import ConfigError, differing_keys, save_config
+from fairnas.config import ConfigError, save_config
 from fairnas.costs import cost_model
 from fairnas.data import DataSplits, load_splits
 from fairnas.evaluate import CandidateEvaluator
@@ -43,6 +43,7 @@ from fairnas.rankstudy.config import (
     RERUN_SAFE_KEYS,
     RankStudyConfig,
     budget_passes,
+    changed_keys,
     checkpoint_interval,
     paths_per_step,
     supernet_config_for,
@@ -122,7 +123,7 @@ class RankStudy:
         if not saved_path.exists():
             return
         saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-        changed = [key for key in differing_keys(saved, asdict(self.config))
+        changed = [key for key in changed_keys(saved, asdict(self.config))
                    if key not in RERUN_SAFE_KEYS]
         if changed:
             raise ConfigError(
@@ -172,9 +173,11 @@ class RankStudy:
         sn_config = supernet_config_for(self.config, sampler, m)
         if summary_path.exists() and (folder / "supernet.pt").exists():
             summary = _read_json(summary_path)
-            if summary["config"] != asdict(sn_config):
-                raise ConfigError(f"{folder} was trained with another supernet configuration; "
-                                  f"use a new --out-dir")
+            changed = [k for k in changed_keys(summary["config"], asdict(sn_config))
+                       if k != "log_interval"]
+            if changed:
+                raise ConfigError(f"{folder} was trained with another supernet configuration "
+                                  f"({', '.join(changed)} changed); use a new --out-dir")
             return summary
 
         # Same seed for every sampler: the same initial weights and the same data order.
@@ -207,7 +210,7 @@ class RankStudy:
         """
         path = self.scores_path(sampler)
         saved = _read_json(path) if path.exists() else {"scores": {}, "seconds": 0.0}
-        if saved.get("eval", asdict(self.config.eval)) != asdict(self.config.eval):
+        if changed_keys(saved.get("eval", {}), asdict(self.config.eval)):
             raise ConfigError(f"{path} was scored with other eval settings; use a new --out-dir")
         wanted = list(dict.fromkeys(self.architectures + self.histogram_architectures))
         missing = [a for a in wanted if str(a) not in saved["scores"]]
