@@ -49,6 +49,8 @@ def one_thread():
 
 def official_listing(release: str) -> dict[str, list[int]]:
     """Key -> shape of a released file, in the file's order."""
+    if not INDEX:
+        pytest.skip(f"official key listings not found in {KEYS_DIR} (set FAIRNAS_REFERENCE)")
     return json.loads((KEYS_DIR / INDEX[release]["json_file"]).read_text())
 
 
