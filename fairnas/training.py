@@ -21,18 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from fairnas.accelerator import BatchFeeder, place_model, precision_context
 from fairnas.arch import Architecture
 from fairnas.config import SupernetConfig, TrainConfig, differing_keys
 from fairnas.data import BatchPlan, DataSplits, TensorSplit
-from fairnas.distributed import DistContext, all_reduce_gradients
+from fairnas.distributed import (
+    DistContext,
+    bn_running_buffers,
+    check_same_on_all_ranks,
+    global_batch_norm,
+)
 from fairnas.evaluate import accuracy
 from fairnas.io import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
 from fairnas.network import SinglePathNet, Supernet
 from fairnas.samplers import FairnessLedger, PathSampler
+from fairnas.steps import StepOutcome, SupernetStep, standalone_step
 
 logger = logging.getLogger(__name__)
 
@@ -217,15 +223,7 @@ class TrainingLoop:
 
 
 # Keys that may change between a run and its resume without changing the result's meaning.
-RESUME_SAFE_KEYS = {"log_interval", "threads", "device", "root", "out_dir"}
-
-
-def _check_finite(loss: torch.Tensor, step: int, what: str) -> bool:
-    return bool(torch.isfinite(loss).all())
-
-
-def _grads_finite(model: nn.Module) -> bool:
-    return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+RESUME_SAFE_KEYS = {"log_interval", "threads", "device", "root", "out_dir", "pin_memory"}
 
 
 def _steps(epochs: float, max_steps: int | None, steps_per_epoch: int) -> int:
@@ -245,18 +243,17 @@ def train_supernet(
 ) -> dict[str, Any]:
     """Train the supernet with the configured sampler; returns a summary with the ledger.
 
-    One step: draw the step's paths; for each path forward, loss, backward (gradients of all
-    paths accumulate); synchronise gradients across processes once; one optimizer update. With
-    ``shared_batch`` all paths see the same batch and the stem and fixed first block are computed
-    once for the step (their output is shared by every path). ``grad_reduction`` ``sum`` adds
-    the paths' gradients as FairNAS does; ``mean`` divides by the number of paths.
+    One step (:class:`~fairnas.steps.SupernetStep`): draw the step's paths; for each path
+    forward, loss, backward (gradients of all paths accumulate); synchronise across processes
+    once; one optimizer update. With ``shared_batch`` all paths see the same batch, and with
+    ``shared_prefix`` the stem and fixed first block run once for the step. ``grad_reduction``
+    ``sum`` adds the paths' gradients as FairNAS does; ``mean`` divides by the number of paths.
     """
     dist = dist or DistContext.single()
     out_dir = Path(out_dir)
     sampler = PathSampler(supernet.space, config.sampler, seed=config.seed)
     ledger = FairnessLedger(sampler.num_layers, sampler.num_choices)
-    paths_per_step = sampler.paths_per_step
-    batches_per_step = 1 if config.shared_batch else paths_per_step
+    batches_per_step = 1 if config.shared_batch else sampler.paths_per_step
     plan = BatchPlan(len(splits.train), config.batch_size, seed=config.seed,
                      rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = max(1, len(plan) // batches_per_step)
@@ -274,63 +271,48 @@ def train_supernet(
     )
     if resume:
         loop.resume()
-    supernet.to(device).train()
-    train = splits.train
-    scale = 1.0 / paths_per_step if config.grad_reduction == "mean" else 1.0
+    check_same_on_all_ranks(loop.step, "the step to start from", dist)
+    place_model(supernet, device, channels_last=config.channels_last)
+    supernet.train()
+    feeder = BatchFeeder(splits.train, plan, batches_per_epoch=steps_per_epoch * batches_per_step,
+                         device=device, pin_memory=config.pin_memory,
+                         channels_last=config.channels_last)
+    step = SupernetStep(
+        supernet, optimizer, shared_prefix=config.shared_prefix,
+        grad_reduction=config.grad_reduction, label_smoothing=config.label_smoothing, dist=dist,
+        precision=precision_context(device, config.amp),
+        sync_buffers=bn_running_buffers(supernet) if dist.enabled and not config.sync_bn else (),
+        restore_buffers=config.on_nonfinite == "skip",
+    )
 
-    def batch(step: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = step * batches_per_step + k
-        epoch, position = divmod(index, steps_per_epoch * batches_per_step)
-        indices = next(plan.batches(epoch, position))
-        return (train.images[indices].to(device, non_blocking=True),
-                train.labels[indices].to(device, non_blocking=True))
-
-    def step_fn(step: int) -> StepResult | None:
-        paths = sampler.sample(step)
-        optimizer.zero_grad(set_to_none=True)
-        # BN running statistics move during the forward passes; a skipped step must undo that.
-        buffers = [b.clone() for b in supernet.buffers()] if config.on_nonfinite == "skip" else []
-        total_loss, images = 0.0, 0
-        shared = batch(step, 0) if config.shared_batch else None
-        stem_out = supernet.forward_stem(shared[0]) if shared is not None else None
-
-        for k, path in enumerate(paths):
-            x, y = shared if shared is not None else batch(step, k)
-            h = stem_out if stem_out is not None else supernet.forward_stem(x)
-            loss = F.cross_entropy(supernet.forward_path(h, path), y,
-                                   label_smoothing=config.label_smoothing)
-            if not _check_finite(loss, step, str(path)):
-                return _non_finite(step, f"loss on path {path}", buffers)
-            last = k == len(paths) - 1
-            (loss * scale).backward(retain_graph=stem_out is not None and not last)
-            total_loss += loss.item()
-            images += len(y)
-
-        all_reduce_gradients(supernet, dist)
-        if not _grads_finite(supernet):
-            return _non_finite(step, f"gradient in the step of paths {[str(p) for p in paths]}",
-                               buffers)
-        optimizer.step()
+    def step_fn(number: int) -> StepResult | None:
+        paths = sampler.sample(number)
+        batches = [feeder(number * batches_per_step + k) for k in range(batches_per_step)]
+        outcome = step(paths, batches)
+        if not outcome.finite:
+            return _non_finite(number, paths, outcome)
         ledger.record(paths)
-        return StepResult(total_loss / len(paths), images * dist.world_size)
+        images = len(paths) * len(batches[0][1]) * dist.world_size
+        return StepResult(outcome.loss, images)
 
-    def _non_finite(step: int, what: str, buffers: list[torch.Tensor]) -> None:
+    def _non_finite(number: int, paths: list[Architecture], outcome: StepOutcome) -> None:
+        bad = [p for p, loss in zip(paths, outcome.path_losses, strict=True)
+               if not torch.isfinite(loss)]
+        what = (f"loss on path {bad[0]}" if bad else
+                f"loss or gradient in the step of paths {[str(p) for p in paths]}")
         if config.on_nonfinite == "skip":
-            logger.warning("supernet step %d: non-finite %s; step skipped", step, what)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in zip(supernet.buffers(), buffers, strict=True):
-                    buffer.copy_(saved)
+            logger.warning("supernet step %d: non-finite %s; step skipped", number, what)
             ledger.skipped_steps += 1
             return None
         raise NonFiniteError(
-            f"supernet step {step}: non-finite {what}. Training stopped; the last good "
+            f"supernet step {number}: non-finite {what}. Training stopped; the last good "
             f"checkpoint is {loop.checkpoint_path}. Lower supernet.lr, or set "
             f"supernet.on_nonfinite=skip to skip such steps."
         )
 
     start = time.perf_counter()
-    loop.run(step_fn)
+    with global_batch_norm(supernet, config.sync_bn and dist.enabled):
+        loop.run(step_fn)
     summary = {"steps": loop.step, "seconds": time.perf_counter() - start,
                "sampler": config.sampler, "ledger": ledger.summary()}
     if dist.is_main:
@@ -358,7 +340,8 @@ def train_standalone(
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
     model = SinglePathNet(arch) if isinstance(arch, Architecture) else arch
-    model.to(device).train()
+    place_model(model, device, channels_last=config.channels_last)
+    model.train()
     plan = BatchPlan(len(splits.train), config.batch_size, seed=config.seed,
                      rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = len(plan)
@@ -376,26 +359,26 @@ def train_standalone(
     )
     if resume:
         loop.resume()
-    train = splits.train
+    check_same_on_all_ranks(loop.step, "the step to start from", dist)
+    feeder = BatchFeeder(splits.train, plan, batches_per_epoch=steps_per_epoch, device=device,
+                         pin_memory=config.pin_memory, channels_last=config.channels_last)
+    precision = precision_context(device, config.amp)
+    sync_buffers = bn_running_buffers(model) if dist.enabled and not config.sync_bn else ()
 
     def step_fn(step: int) -> StepResult:
-        epoch, position = divmod(step, steps_per_epoch)
-        indices = next(plan.batches(epoch, position))
-        x = train.images[indices].to(device, non_blocking=True)
-        y = train.labels[indices].to(device, non_blocking=True)
-
-        loss = F.cross_entropy(model(x), y, label_smoothing=config.label_smoothing)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"stand-alone step {step}: non-finite loss for {arch_text}; "
-                                 f"the last good checkpoint is {loop.checkpoint_path}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_gradients(model, dist)
-        optimizer.step()
-        return StepResult(loss.item(), len(y) * dist.world_size)
+        batch = feeder(step)
+        loss, finite = standalone_step(model, optimizer, batch,
+                                       label_smoothing=config.label_smoothing, dist=dist,
+                                       precision=precision, sync_buffers=sync_buffers)
+        if not finite:
+            raise NonFiniteError(f"stand-alone step {step}: non-finite loss or gradient for "
+                                 f"{arch_text}; the last good checkpoint is "
+                                 f"{loop.checkpoint_path}")
+        return StepResult(loss, len(batch[1]) * dist.world_size)
 
     start = time.perf_counter()
-    loop.run(step_fn)
+    with global_batch_norm(model, config.sync_bn and dist.enabled):
+        loop.run(step_fn)
     test = test_split if test_split is not None else splits.test
     result = {
         "arch": arch_text,
