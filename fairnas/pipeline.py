@@ -29,7 +29,7 @@ from fairnas.arch import Architecture
 from fairnas.config import RunConfig, config_to_dict, differing_keys, save_config
 from fairnas.costs import cost_model
 from fairnas.data import DataSplits, load_splits
-from fairnas.distributed import DistContext
+from fairnas.distributed import DistContext, evaluate_across_ranks, gather_object
 from fairnas.evaluate import CandidateEvaluator
 from fairnas.io import atomic_write_json, atomic_write_text, load_checkpoint
 from fairnas.network import Supernet
@@ -116,10 +116,31 @@ def run_search_stage(ctx: RunContext, supernet_path: Path | None = None) -> dict
     path = supernet_path or ctx.stage_dir("supernet") / "supernet.pt"
     supernet, _ = load_supernet(path, ctx.space, ctx.device)
     evaluator = CandidateEvaluator(supernet, ctx.splits, ctx.config.eval, device=ctx.device)
-    result = run_search(ctx.space, evaluator.evaluate_many, config=ctx.config.search,
-                        out_dir=ctx.stage_dir("search"))
+    # Rank 0 searches and alone writes the search files; every rank scores a share of each batch.
+    result = evaluate_across_ranks(
+        evaluator.evaluate_many,
+        lambda evaluate: run_search(ctx.space, evaluate, config=ctx.config.search,
+                                    out_dir=ctx.stage_dir("search")),
+        ctx.dist,
+    )
+    timings = gather_object(evaluator.timing(), ctx.dist)
     return {"front": result.front, "evaluated": len(result.records),
-            "evaluation": evaluator.timing()}
+            "evaluation": _combined_timing(timings)}
+
+
+def _combined_timing(timings: list[dict[str, float]]) -> dict[str, float]:
+    """Evaluation figures of all ranks together: counts and rates add up, shares are weighted."""
+    if len(timings) == 1:
+        return timings[0]
+    seconds = sum(t["seconds"] for t in timings)
+    return {
+        "ranks": len(timings),
+        "evaluated": sum(t["evaluated"] for t in timings),
+        "seconds": seconds,
+        "candidates_per_second": sum(t["candidates_per_second"] for t in timings),
+        "calibration_share": (sum(t["calibration_share"] * t["seconds"] for t in timings)
+                              / seconds if seconds else 0.0),
+    }
 
 
 def chosen_architecture(ctx: RunContext) -> tuple[Architecture, dict[str, Any]]:
