@@ -162,6 +162,9 @@ def transfer(
     ``model.pt``, ``result.json``). Rerunning with the same settings resumes; different
     settings in the same folder are refused.
     """
+    if getattr(config, "pin_memory", False):
+        raise ValueError("pin_memory gathers batches from in-memory tensors; transfer decodes "
+                         "images as batches are drawn, so set pin_memory to false")
     out_dir = Path(out_dir)
     splits = transfer_splits(settings, model.space.input_channels, config.seed)
     record = json.loads(json.dumps({  # as it reads back from transfer.json
