@@ -29,7 +29,12 @@ from fairnas.arch import Architecture
 from fairnas.config import RunConfig, config_to_dict, differing_keys, save_config
 from fairnas.costs import cost_model
 from fairnas.data import DataSplits, load_splits
-from fairnas.distributed import DistContext, evaluate_across_ranks, gather_object
+from fairnas.distributed import (
+    DistContext,
+    broadcast_object,
+    evaluate_across_ranks,
+    gather_object,
+)
 from fairnas.evaluate import CandidateEvaluator
 from fairnas.io import atomic_write_json, atomic_write_text, load_checkpoint
 from fairnas.network import Supernet
@@ -230,6 +235,8 @@ def run_pipeline(config: RunConfig, *, dist: DistContext | None = None) -> dict[
         if ctx.dist.is_main:
             manifest.record(stage, seconds=time.perf_counter() - start, summary=summary,
                             folder=ctx.stage_dir(stage))
+    # Only rank 0 records stages; the other ranks take its manifest to build the same report.
+    manifest.data = broadcast_object(manifest.data, ctx.dist)
     report = build_report(ctx, manifest)
     if ctx.dist.is_main:
         atomic_write_text(ctx.out_dir / "report.md", report["markdown"])

@@ -107,9 +107,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
-    report = run_pipeline(config, dist=DistContext.from_env(config.device))
-    emit({k: v for k, v in report.items() if k != "markdown"}, args.json, report["markdown"]
-         + f"\nFiles in {config.out_dir} (manifest.json lists them).")
+    dist = DistContext.from_env(config.device)
+    report = run_pipeline(config, dist=dist)
+    if dist.is_main:
+        emit({k: v for k, v in report.items() if k != "markdown"}, args.json, report["markdown"]
+             + f"\nFiles in {config.out_dir} (manifest.json lists them).")
     return 0
 
 
