@@ -15,6 +15,7 @@ re-run under a configuration that changes the result is refused, naming the chan
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import asdict
@@ -125,12 +126,20 @@ def run_search_stage(ctx: RunContext, supernet_path: Path | None = None) -> dict
     result = evaluate_across_ranks(
         evaluator.evaluate_many,
         lambda evaluate: run_search(ctx.space, evaluate, config=ctx.config.search,
-                                    out_dir=ctx.stage_dir("search")),
+                                    out_dir=ctx.stage_dir("search"),
+                                    fingerprint=_search_fingerprint(ctx, path)),
         ctx.dist,
     )
     timings = gather_object(evaluator.timing(), ctx.dist)
     return {"front": result.front, "evaluated": len(result.records),
             "evaluation": _combined_timing(timings)}
+
+
+def _search_fingerprint(ctx: RunContext, supernet_path: Path) -> dict[str, Any]:
+    """What the accuracies depend on besides the search config: a resumed search must match."""
+    digest = hashlib.sha256(Path(supernet_path).read_bytes()).hexdigest()
+    data = {k: v for k, v in asdict(ctx.config.data).items() if k != "root"}
+    return {"supernet_sha256": digest, "eval": asdict(ctx.config.eval), "data": data}
 
 
 def _combined_timing(timings: list[dict[str, float]]) -> dict[str, float]:
