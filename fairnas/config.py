@@ -33,6 +33,9 @@ class DataConfig:
     split_seed: int = 0
     train_limit: int | None = None  # use only the first N training images (smoke runs)
     test_limit: int | None = None
+    # dataset folder: skip image files that cannot be decoded (each named in the log, and
+    # counted) instead of stopping at the first one
+    skip_bad_images: bool = False
 
 
 @dataclass
@@ -55,6 +58,7 @@ class SupernetConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     log_interval: int = 20
+    checkpoint_every: int | None = None  # also checkpoint every N steps (always at epoch ends)
     on_nonfinite: str = "stop"  # stop | skip
     # Several processes: BN normalises with the statistics of the global batch, so a run equals
     # one process on the combined batch. Off (plain data parallelism): per-rank statistics, and
@@ -100,6 +104,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     log_interval: int = 50
+    checkpoint_every: int | None = None  # as supernet.checkpoint_every
+    on_nonfinite: str = "stop"  # as supernet.on_nonfinite
     sync_bn: bool = False  # as supernet.sync_bn
     amp: bool = False  # as supernet.amp
     channels_last: bool = False  # as supernet.channels_last
@@ -125,6 +131,7 @@ _CHOICES = {
     "supernet.sampler": ("strict", "uniform", "expectation"),
     "supernet.grad_reduction": ("sum", "mean"),
     "supernet.on_nonfinite": ("stop", "skip"),
+    "train.on_nonfinite": ("stop", "skip"),
     "train.pick": ("best", "knee"),
     "data.dataset": ("fashion-mnist", "folder", "cifar10"),
 }
@@ -133,6 +140,19 @@ _POSITIVE = {
     "eval.calib_images", "eval.batch_size", "search.population", "search.generations",
     "train.epochs", "train.batch_size", "train.lr", "supernet.log_interval",
     "train.log_interval", "supernet.max_steps", "eval.val_images", "threads",
+    "data.train_limit", "data.test_limit", "supernet.checkpoint_every", "train.checkpoint_every",
+    "search.max_madds", "search.max_params", "search.eval_batch", "train.max_madds",
+    "search.mutation_prob",
+}
+# Inclusive (low, high) bounds; None leaves that side open. Checked here so that a value the
+# search or the optimizer would refuse hours into a run is refused before anything starts.
+_BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "supernet.warmup_steps": (0, None), "train.warmup_steps": (0, None),
+    "supernet.weight_decay": (0, None), "train.weight_decay": (0, None),
+    "supernet.momentum": (0, 1), "train.momentum": (0, 1),
+    "supernet.label_smoothing": (0, 1), "train.label_smoothing": (0, 1),
+    "search.crossover_prob": (0, 1), "search.mutation_prob": (0, 1),
+    "search.population": (2, None),
 }
 
 
@@ -186,6 +206,11 @@ def _check_value(name: str, value: Any) -> None:
         raise ConfigError(f"{name} should be one of {', '.join(_CHOICES[name])}, got {value!r}")
     if name in _POSITIVE and value is not None and value <= 0:
         raise ConfigError(f"{name} should be positive, got {value!r}")
+    low, high = _BOUNDS.get(name, (None, None))
+    if value is None or (low is None or value >= low) and (high is None or value <= high):
+        return
+    expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ConfigError(f"{name} should be {expected}, got {value!r}")
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
