@@ -2,7 +2,9 @@
 
 Every output goes to a temporary file in the same folder, is flushed and fsynced, then renamed
 over the target with ``os.replace``: a crash or a full disk while saving leaves the previous file
-intact. Checkpoints are loaded with ``weights_only=True`` so no pickled code ever runs.
+intact, and the failure is raised as :class:`OutputWriteError` naming the file. Appends to JSON
+lines files are rolled back the same way. Checkpoints are loaded with ``weights_only=True`` so no
+pickled code ever runs, and the project's own model files can also be written as safetensors.
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used; the message says what it is and what to do."""
 
 
+class OutputWriteError(OSError):
+    """An output could not be written (disk full, no permission); the message names the file
+    and says that its previous version, if any, is intact."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file, then rename it over ``path``.
 
-    Raises ``OSError`` (disk full, permission) with the target named; the old file is untouched.
+    Raises :class:`OutputWriteError` (disk full, permission) naming the target; the old file
+    is untouched and no temporary file is left behind.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,11 +54,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
-        if isinstance(error, OSError):
-            raise OSError(error.errno, f"could not write {path}: {error.strerror or error}; "
-                                       f"the previous version (if any) is intact") from error
+        if isinstance(error, OSError) and not isinstance(error, OutputWriteError):
+            raise _write_error(error, f"could not write {path}: {error.strerror or error}; "
+                                      f"the previous version (if any) is intact") from error
         raise
+    _sync_folder(path.parent)
     return path
+
+
+def _write_error(error: OSError, message: str) -> OutputWriteError:
+    """The cause's error number is kept so callers can still tell a full disk (ENOSPC)."""
+    return OutputWriteError(error.errno, message) if error.errno else OutputWriteError(message)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename durable across a power loss; best effort (not every system allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -73,13 +97,27 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append one JSON line and fsync it, so a record is either wholly there or absent."""
+    """Append one JSON line and fsync it, so a record is either wholly there or absent.
+
+    A failed write (a full disk) is cut off again, so the file keeps its earlier lines only and
+    later appends do not land behind half a line; a kill mid-write can still leave a torn last
+    line, which :func:`read_jsonl` ignores.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    with open(path, "ab") as handle:
+        size = handle.tell()
+        try:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                handle.truncate(size)
+            raise _write_error(error, f"could not append to {path}: "
+                                      f"{error.strerror or error}; its earlier lines are "
+                                      f"intact") from error
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -161,3 +199,51 @@ def save_safetensors(path: str | os.PathLike, state_dict: dict[str, torch.Tensor
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+# -- the project's model files as safetensors ------------------------------------------------
+
+SAFETENSORS_METADATA_KEY = "fairnas"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: tensors become nested lists."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_model_file_as_safetensors(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a project model file (``model.pt``, ``supernet.pt``) as safetensors.
+
+    ``state["model"]`` becomes the tensors; every other entry (architecture, space, ledger) is
+    kept as JSON in the file's metadata, so :func:`load_model_file` returns the same keys and a
+    reader of the safetensors file never unpickles anything.
+    """
+    if not isinstance(state.get("model"), dict):
+        raise ValueError("expected a project model file with a 'model' state dict")
+    extra = {k: _plain(v) for k, v in state.items() if k != "model"}
+    return save_safetensors(path, state["model"],
+                            metadata={SAFETENSORS_METADATA_KEY: json.dumps(extra)})
+
+
+def load_model_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+    """A project model file, from a torch checkpoint or its safetensors export (same keys)."""
+    path = Path(path)
+    state = load_checkpoint(path, map_location)
+    if path.suffix != ".safetensors":
+        return state
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    try:
+        extra = json.loads(metadata.get(SAFETENSORS_METADATA_KEY, "{}"))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: its '{SAFETENSORS_METADATA_KEY}' metadata is not valid "
+                              f"JSON ({error})") from error
+    return {**extra, "model": state}
