@@ -7,11 +7,15 @@ atomic checkpoints carrying everything a resume needs, and the refusal to resume
 changed configuration. The step itself is a function passed in.
 
 Data order, sampled paths and learning rate are all functions of the step number, so a run that
-is killed and resumed from a checkpoint continues exactly as if it had never stopped.
+is killed and resumed from a checkpoint continues exactly as if it had never stopped. What is
+not (the global random generator used by dropout, the running epoch loss, the optimizer's
+momentum) travels in the checkpoint, and rows of ``metrics.jsonl`` written after the checkpoint
+are dropped on resume, so every output of a resumed run equals the uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -35,7 +39,14 @@ from fairnas.distributed import (
     global_batch_norm,
 )
 from fairnas.evaluate import accuracy
-from fairnas.io import append_jsonl, atomic_torch_save, atomic_write_json, load_checkpoint
+from fairnas.io import (
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    read_jsonl,
+)
 from fairnas.network import SinglePathNet, Supernet
 from fairnas.samplers import FairnessLedger, PathSampler
 from fairnas.steps import StepOutcome, SupernetStep, standalone_step
@@ -106,7 +117,10 @@ class TrainingLoop:
         self.checkpoint_every = checkpoint_every
         self.state_fns, self.epoch_end = state_fns, epoch_end
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
         self.step = 0
+        # The current epoch's loss so far; checkpointed, so a mid-epoch resume logs the same mean.
+        self.epoch_loss, self.epoch_steps = 0.0, 0
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -119,6 +133,7 @@ class TrainingLoop:
             "torch_rng": torch.get_rng_state(),
             "config": self.config,
             "extra": self.state_fns[0]() if self.state_fns else {},
+            "epoch_progress": {"loss": self.epoch_loss, "steps": self.epoch_steps},
         }
 
     def save(self) -> None:
@@ -133,8 +148,11 @@ class TrainingLoop:
         if state.get("kind") != self.name:
             raise ValueError(f"{self.checkpoint_path} is a {state.get('kind')!r} checkpoint, "
                              f"expected {self.name!r}")
-        changed = [k for k in differing_keys(state["config"], self.config)
-                   if k.split(".")[-1] not in RESUME_SAFE_KEYS]
+        saved = state["config"]
+        # NOTE: a section absent from the saved config (added to the code after the checkpoint
+        # was written) is not compared, so older checkpoints still resume.
+        changed = [k for k in differing_keys(saved, self.config)
+                   if k.split(".")[-1] not in RESUME_SAFE_KEYS and k.split(".")[0] in saved]
         if changed:
             raise ValueError(
                 f"refusing to resume {self.checkpoint_path}: the configuration changed in "
@@ -146,9 +164,23 @@ class TrainingLoop:
         if self.state_fns:
             self.state_fns[1](state["extra"])
         self.step = int(state["step"])
+        progress = state.get("epoch_progress", {})
+        self.epoch_loss, self.epoch_steps = progress.get("loss", 0.0), progress.get("steps", 0)
+        if self.dist.is_main:
+            self._drop_metrics_after(self.step)
         logger.info("%s: resumed from %s at step %d/%d", self.name, self.checkpoint_path,
                     self.step, self.total_steps)
         return True
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Rows logged after the checkpoint (a kill between the row and the checkpoint) are
+        written again by the resumed run; keeping them would duplicate those epochs."""
+        if not self.metrics_path.exists():
+            return
+        kept = "".join(json.dumps(row) + "\n" for row in read_jsonl(self.metrics_path)
+                       if row.get("step", 0) <= step)
+        if kept != self.metrics_path.read_text(encoding="utf-8"):  # also drops a torn line
+            atomic_write_text(self.metrics_path, kept)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -157,7 +189,6 @@ class TrainingLoop:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
                    disable=not self.dist.is_main, dynamic_ncols=True, mininterval=2.0)
         window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
-        epoch_loss, epoch_steps = 0.0, 0
         try:
             while self.step < self.total_steps:
                 lr = lr_at(self.step, base_lr=self.base_lr, warmup_steps=self.warmup_steps,
@@ -171,9 +202,9 @@ class TrainingLoop:
 
                 if result is not None:
                     window_loss += result.loss
-                    epoch_loss += result.loss
+                    self.epoch_loss += result.loss
                     window_images += result.images
-                    epoch_steps += 1
+                    self.epoch_steps += 1
                 if self.step % self.log_interval == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
                     logger.info("%s step %d/%d loss %.4f images/s %.0f lr %.5f", self.name,
@@ -185,8 +216,8 @@ class TrainingLoop:
                     window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
                 epoch_done = self.step % self.steps_per_epoch == 0
                 if epoch_done or self.step == self.total_steps:
-                    self._end_epoch(epoch_loss / max(epoch_steps, 1), lr, writer)
-                    epoch_loss, epoch_steps = 0.0, 0
+                    self._end_epoch(self.epoch_loss / max(self.epoch_steps, 1), lr, writer)
+                    self.epoch_loss, self.epoch_steps = 0.0, 0
                     self.save()
                 elif self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self.save()
@@ -202,7 +233,7 @@ class TrainingLoop:
             row.update(self.epoch_end(epoch))
         if not self.dist.is_main:
             return
-        append_jsonl(self.out_dir / "metrics.jsonl", row)
+        append_jsonl(self.metrics_path, row)
         if writer is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step") and isinstance(value, (int, float)):
@@ -219,15 +250,23 @@ class TrainingLoop:
         except ImportError:  # tensorboard is a dependency, but curves are not worth a crash
             logger.warning("tensorboard is not installed; no curves are written")
             return None
-        return SummaryWriter(str(self.out_dir / "tensorboard"))
+        # purge_step: TensorBoard discards events a killed run logged after the checkpoint.
+        return SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step or None)
 
 
 # Keys that may change between a run and its resume without changing the result's meaning.
-RESUME_SAFE_KEYS = {"log_interval", "threads", "device", "root", "out_dir", "pin_memory"}
+# ``on_nonfinite`` only decides what happens at a non-finite step, and the steps already taken
+# were finite either way: switching to ``skip`` after a stop is how such a run is continued.
+RESUME_SAFE_KEYS = {"log_interval", "threads", "device", "root", "out_dir", "pin_memory",
+                    "checkpoint_every", "on_nonfinite"}
 
 
 def _steps(epochs: float, max_steps: int | None, steps_per_epoch: int) -> int:
     return max_steps if max_steps is not None else max(1, math.ceil(epochs * steps_per_epoch))
+
+
+def _checkpoint_every(argument: int | None, config: SupernetConfig | TrainConfig) -> int | None:
+    return argument if argument is not None else config.checkpoint_every
 
 
 def train_supernet(
@@ -240,8 +279,13 @@ def train_supernet(
     dist: DistContext | None = None,
     checkpoint_every: int | None = None,
     resume: bool = True,
+    extra_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the supernet with the configured sampler; returns a summary with the ledger.
+
+    ``checkpoint_every`` (default ``config.checkpoint_every``) adds checkpoints between epoch
+    ends. ``extra_config`` holds settings outside ``config`` that the result depends on (the
+    data configuration): saved in the checkpoint and compared on resume like ``config``.
 
     One step (:class:`~fairnas.steps.SupernetStep`): draw the step's paths; for each path
     forward, loss, backward (gradients of all paths accumulate); synchronise across processes
@@ -264,8 +308,8 @@ def train_supernet(
         name="supernet", model=supernet, optimizer=optimizer, out_dir=out_dir,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, base_lr=config.lr,
         warmup_steps=config.warmup_steps, log_interval=config.log_interval,
-        config={**asdict(config), "space": supernet.space.to_dict()}, dist=dist,
-        checkpoint_every=checkpoint_every,
+        config={**asdict(config), "space": supernet.space.to_dict(), **(extra_config or {})},
+        dist=dist, checkpoint_every=_checkpoint_every(checkpoint_every, config),
         state_fns=(lambda: {"ledger": ledger.state_dict()},
                    lambda state: ledger.load_state_dict(state["ledger"])),
     )
@@ -334,8 +378,14 @@ def train_standalone(
     checkpoint_every: int | None = None,
     resume: bool = True,
     test_split: TensorSplit | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train one network from scratch (or fine-tune a given module); report test accuracy."""
+    """Train one network from scratch (or fine-tune a given module); report test accuracy.
+
+    ``checkpoint_every`` and ``extra_config`` as for :func:`train_supernet`. With
+    ``config.on_nonfinite`` ``skip`` a non-finite step changes nothing (BN statistics included)
+    and is counted in the result's ``skipped_steps``.
+    """
     dist = dist or DistContext.single()
     out_dir = Path(out_dir)
     torch.manual_seed(config.seed)
@@ -349,12 +399,15 @@ def train_standalone(
     optimizer = make_sgd(model, lr=config.lr, momentum=config.momentum,
                          nesterov=config.nesterov, weight_decay=config.weight_decay)
     arch_text = str(arch) if isinstance(arch, Architecture) else type(arch).__name__
+    skipped = {"steps": 0}
     loop = TrainingLoop(
         name="standalone", model=model, optimizer=optimizer, out_dir=out_dir,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, base_lr=config.lr,
         warmup_steps=config.warmup_steps, log_interval=config.log_interval,
-        config={**asdict(config), "arch": arch_text}, dist=dist,
-        checkpoint_every=checkpoint_every,
+        config={**asdict(config), "arch": arch_text, **(extra_config or {})}, dist=dist,
+        checkpoint_every=_checkpoint_every(checkpoint_every, config),
+        state_fns=(lambda: {"skipped_steps": skipped["steps"]},
+                   lambda state: skipped.update(steps=state.get("skipped_steps", 0))),
         epoch_end=lambda epoch: {"val_accuracy": accuracy(model, splits.val, device=device)},
     )
     if resume:
@@ -365,16 +418,27 @@ def train_standalone(
     precision = precision_context(device, config.amp)
     sync_buffers = bn_running_buffers(model) if dist.enabled and not config.sync_bn else ()
 
-    def step_fn(step: int) -> StepResult:
+    def step_fn(step: int) -> StepResult | None:
         batch = feeder(step)
+        skip = config.on_nonfinite == "skip"
+        buffers = [b.clone() for b in model.buffers()] if skip else []
         loss, finite = standalone_step(model, optimizer, batch,
                                        label_smoothing=config.label_smoothing, dist=dist,
                                        precision=precision, sync_buffers=sync_buffers)
-        if not finite:
-            raise NonFiniteError(f"stand-alone step {step}: non-finite loss or gradient for "
-                                 f"{arch_text}; the last good checkpoint is "
-                                 f"{loop.checkpoint_path}")
-        return StepResult(loss, len(batch[1]) * dist.world_size)
+        if finite:
+            return StepResult(loss, len(batch[1]) * dist.world_size)
+
+        what = f"stand-alone step {step}: non-finite loss or gradient for {arch_text}"
+        if not skip:
+            raise NonFiniteError(f"{what}; training stopped, the last good checkpoint is "
+                                 f"{loop.checkpoint_path}. Lower train.lr, or set "
+                                 f"train.on_nonfinite=skip to skip such steps.")
+        with torch.no_grad():  # the forward pass moved the BN running statistics
+            for buffer, value in zip(model.buffers(), buffers, strict=True):
+                buffer.copy_(value)
+        skipped["steps"] += 1
+        logger.warning("%s; step skipped (%d so far)", what, skipped["steps"])
+        return None
 
     start = time.perf_counter()
     with global_batch_norm(model, config.sync_bn and dist.enabled):
@@ -386,8 +450,12 @@ def train_standalone(
         "seconds": time.perf_counter() - start,
         "val_accuracy": accuracy(model, splits.val, device=device),
         "test_accuracy": accuracy(model, test, device=device),
+        "skipped_steps": skipped["steps"],
     }
     if dist.is_main:
-        atomic_torch_save(out_dir / "model.pt", {"model": model.state_dict(), "arch": arch_text})
+        saved = {"model": model.state_dict(), "arch": arch_text}
+        if isinstance(arch, Architecture):  # the space too, so the file alone rebuilds the model
+            saved["space"] = arch.space.to_dict()
+        atomic_torch_save(out_dir / "model.pt", saved)
         atomic_write_json(out_dir / "result.json", result)
     return result
