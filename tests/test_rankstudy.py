@@ -280,6 +280,9 @@ def test_an_interrupted_study_trains_only_the_missing_models(tmp_path, monkeypat
         run_rank_study(config, splits=splits)
     first = list(trained)
     assert len(list(tmp_path.glob("standalone/*/seed*/result.json"))) == 2
+    partial = run_rank_study(config, splits=splits, report_only=True)
+    assert partial["with_ground_truth"] == 2 and partial["agreement"] == {}
+    assert "No statistics yet" in (tmp_path / "report.md").read_text()
 
     def no_supernet(*args, **kwargs):
         raise AssertionError("a finished supernet was trained again")

@@ -53,10 +53,9 @@ def _results_section(stats: dict[str, Any], samplers: list[str]) -> list[str]:
         f"parentheses). Pick rank: stand-alone rank (1 = best of {any_row['n']}) of the "
         f"architecture the predictor ranks first.",
         "",
-        "| predictor | " + " | ".join(METRIC_NAMES.values()) + " | "
-        + " | ".join(f"top-{k}" for k in top_k) + " | pick rank |",
-        "| --- | " + " | ".join("---" for _ in range(len(METRIC_NAMES) + len(top_k) + 1)) + " |",
     ]
+    header = ["predictor", *METRIC_NAMES.values(), *(f"top-{k}" for k in top_k), "pick rank"]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for sampler in samplers:
         if sampler in agreement:
             lines.append(_agreement_row(f"supernet, {sampler}", agreement[sampler], top_k))
@@ -219,5 +218,8 @@ def render_report(study: RankStudy, stats: dict[str, Any]) -> str:
     lines += ["## Compute", "",
               "Supernet training (s): " + ", ".join(f"{s} {v:.0f}" for s, v in
                                                    seconds["supernets"].items())
-              + f"; stand-alone training, all models: {seconds['standalone']:.0f} s.", ""]
+              + ". Scoring (s): " + ", ".join(f"{s} {v:.0f}" for s, v in
+                                               seconds["scores"].items())
+              + f". Stand-alone training, all models: {seconds['standalone']:.0f} s. A resumed "
+              f"piece counts only its last stretch.", ""]
     return "\n".join(lines)

@@ -80,7 +80,8 @@ def _budgets(study: RankStudy, supernets: dict[str, dict[str, Any]]) -> dict[str
 def compute_statistics(study: RankStudy) -> dict[str, Any]:
     """Everything the report shows, as plain data (also written as ``stats.json``)."""
     table = _ground_truth_table(study)
-    scores = study.saved_scores()
+    score_files = study.saved_scores()
+    scores = {sampler: saved["scores"] for sampler, saved in score_files.items()}
     supernets = study.supernet_summaries()
     finished = [row for row in table if row["mean"] is not None]
     truth = [row["mean"] for row in finished]
@@ -113,6 +114,7 @@ def compute_statistics(study: RankStudy) -> dict[str, Any]:
         "table": table,
         "seconds": {
             "supernets": {s: b["seconds"] for s, b in supernets.items()},
+            "scores": {s: saved["seconds"] for s, saved in score_files.items()},
             "standalone": sum(r["seconds"] for results in study.ground_truth().values()
                               for r in results if r is not None),
         },

@@ -291,8 +291,9 @@ class RankStudy:
                                       "ledger_table": _read_json(folder / "ledger.json")}
         return summaries
 
-    def saved_scores(self) -> dict[str, dict[str, float]]:
-        return {s: _read_json(self.scores_path(s))["scores"] for s in self.config.samplers
+    def saved_scores(self) -> dict[str, dict[str, Any]]:
+        """Per scored sampler, its ``scores/<sampler>.json`` (``scores``: arch -> accuracy)."""
+        return {s: _read_json(self.scores_path(s)) for s in self.config.samplers
                 if self.scores_path(s).exists()}
 
 
