@@ -10,7 +10,8 @@ Layout of a run folder::
     report.md          the Pareto front and the retrained architecture's test accuracy
 
 Each stage resumes from its own checkpoint; a stage the manifest marks as done is skipped. A
-re-run under a configuration that changes the result is refused, naming the changed keys.
+re-run under a configuration that changes the result is refused, naming the changed keys, and
+settings no architecture can meet are refused before the first stage starts.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from fairnas.distributed import (
     gather_object,
 )
 from fairnas.evaluate import CandidateEvaluator
-from fairnas.io import atomic_write_json, atomic_write_text, load_checkpoint
+from fairnas.io import atomic_write_json, atomic_write_text, load_model_file
 from fairnas.network import Supernet
 from fairnas.space import SearchSpace, get_space
 from fairnas.training import train_standalone, train_supernet
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 STAGES = ("supernet", "search", "retrain")
 # Keys whose change does not change what a finished stage produced.
 HARMLESS_KEYS = {"out_dir", "device", "threads", "supernet.log_interval", "train.log_interval",
-                 "data.root"}
+                 "data.root", "supernet.checkpoint_every", "train.checkpoint_every",
+                 "supernet.on_nonfinite", "train.on_nonfinite"}
 # Which config sections each stage's result depends on.
 STAGE_KEYS = {
     "supernet": ("space", "data.", "supernet."),
@@ -73,9 +75,16 @@ class RunContext:
 
     @cached_property
     def splits(self) -> DataSplits:
-        splits = load_splits(self.config.data)
+        splits = load_splits(self.config.data, input_size=self.space.input_size,
+                             input_channels=self.space.input_channels)
         check_space_fits_data(self.space, splits)
         return splits
+
+    @property
+    def data_settings(self) -> dict[str, Any]:
+        """The data configuration, checkpointed by the trainers so a resume on other data is
+        refused (``root`` may change: the same files can move)."""
+        return {"data": asdict(self.config.data)}
 
     def stage_dir(self, stage: str) -> Path:
         return self.out_dir / stage
@@ -95,8 +104,9 @@ def check_space_fits_data(space: SearchSpace, splits: DataSplits) -> None:
 
 
 def load_supernet(path: Path, space: SearchSpace, device: torch.device) -> tuple[Supernet, dict]:
-    """A trained supernet from ``supernet.pt``; refuses one trained on another space."""
-    state = load_checkpoint(path)
+    """A trained supernet from ``supernet.pt`` (or its safetensors export); refuses one
+    trained on another space."""
+    state = load_model_file(path)
     if not isinstance(state, dict) or "model" not in state or "space" not in state:
         raise ValueError(f"{path} is not a fairnas supernet file (expected keys model, space)")
     if state["space"] != space.to_dict():
@@ -113,12 +123,27 @@ def run_supernet_stage(ctx: RunContext) -> dict[str, Any]:
     torch.manual_seed(ctx.config.supernet.seed)
     supernet.reset_parameters()
     return train_supernet(supernet, ctx.splits, ctx.config.supernet, ctx.stage_dir("supernet"),
-                          device=ctx.device, dist=ctx.dist)
+                          device=ctx.device, dist=ctx.dist, extra_config=ctx.data_settings)
+
+
+def check_feasible(ctx: RunContext) -> None:
+    """Refuse search and retraining limits that no architecture of the space meets, before any
+    stage runs: otherwise they would only fail after the supernet has trained."""
+    from fairnas.search import check_limits
+
+    check_limits(ctx.space, ctx.config.search)
+    max_madds = ctx.config.train.max_madds
+    cheapest, _ = cost_model(ctx.space).bounds()
+    if max_madds is not None and cheapest.madds > max_madds:
+        raise ValueError(f"train.max_madds={max_madds:,} cannot be met in search space "
+                         f"{ctx.space.name!r}: its cheapest architecture has "
+                         f"{cheapest.madds:,} multiply-adds")
 
 
 def run_search_stage(ctx: RunContext, supernet_path: Path | None = None) -> dict[str, Any]:
-    from fairnas.search import run_search
+    from fairnas.search import check_limits, run_search
 
+    check_limits(ctx.space, ctx.config.search)  # before loading anything
     path = supernet_path or ctx.stage_dir("supernet") / "supernet.pt"
     supernet, _ = load_supernet(path, ctx.space, ctx.device)
     evaluator = CandidateEvaluator(supernet, ctx.splits, ctx.config.eval, device=ctx.device)
@@ -172,7 +197,7 @@ def run_retrain_stage(ctx: RunContext) -> dict[str, Any]:
     logger.info("retraining %s (supernet accuracy %.4f, %d multiply-adds)", arch,
                 record["accuracy"], record["madds"])
     result = train_standalone(arch, ctx.splits, ctx.config.train, ctx.stage_dir("retrain"),
-                              device=ctx.device, dist=ctx.dist)
+                              device=ctx.device, dist=ctx.dist, extra_config=ctx.data_settings)
     return {**result, "supernet_accuracy": record["accuracy"],
             **asdict(cost_model(ctx.space).cost(arch))}
 
@@ -228,6 +253,7 @@ def check_rerun_config(out_dir: Path, config: RunConfig, manifest: Manifest) -> 
 def run_pipeline(config: RunConfig, *, dist: DistContext | None = None) -> dict[str, Any]:
     """Run (or continue) every stage; returns the report's content."""
     ctx = RunContext(config, dist=dist)
+    check_feasible(ctx)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(ctx.out_dir)
     check_rerun_config(ctx.out_dir, config, manifest)
