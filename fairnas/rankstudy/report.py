@@ -27,12 +27,13 @@ SAMPLER_NAMES = {"strict": "strict fairness (FairNAS)", "uniform": "uniform sing
                  "expectation": "expectation fairness"}
 
 
-def _agreement(study: RankStudy, predicted: list[float], truth: list[float],
-               higher_is_better: bool = True) -> dict[str, Any]:
+def _agreement(study: RankStudy, predicted: list[float], truth: list[float]) -> dict[str, Any]:
+    """Both are accuracies (or sizes read as "bigger is better"): higher is better for both."""
     config = study.config
-    return rank_agreement(predicted, truth, predicted_higher_is_better=higher_is_better,
-                          resamples=config.bootstrap, seed=config.bootstrap_seed,
-                          confidence=config.confidence, top_k=config.top_k)
+    return rank_agreement(predicted, truth, predicted_higher_is_better=True,
+                          truth_higher_is_better=True, resamples=config.bootstrap,
+                          seed=config.bootstrap_seed, confidence=config.confidence,
+                          top_k=config.top_k)
 
 
 def _ground_truth_table(study: RankStudy) -> list[dict[str, Any]]:
@@ -70,9 +71,9 @@ def _budgets(study: RankStudy, supernets: dict[str, dict[str, Any]]) -> dict[str
         }
     passes = {b["single_path_passes"] for b in per_sampler.values()}
     inits = {b["init_checksum"] for b in per_sampler.values()}
+    target = budget_passes(study.config, study.space.num_choices)
     return {
-        "target_passes": budget_passes(study.config, study.space.num_choices),
-        "equal_passes": len(passes) <= 1, "same_init": len(inits) <= 1,
+        "target_passes": target, "equal_passes": passes <= {target}, "same_init": len(inits) <= 1,
         "shared_batch": study.config.supernet.shared_batch, "samplers": per_sampler,
     }
 
