@@ -18,11 +18,15 @@ from typing import Any
 
 import fairnas.commands
 from fairnas.config import ConfigError
-from fairnas.io import CheckpointError
+from fairnas.io import CheckpointError, OutputWriteError
+from fairnas.training import NonFiniteError
 
 logger = logging.getLogger(__name__)
 
-USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError)
+# A full disk and a diverged run are fixable too (free space; lower the learning rate or skip
+# such steps), and their messages name the file or the step: one line serves better than a trace.
+USER_ERRORS = (ConfigError, CheckpointError, ValueError, FileNotFoundError, NotADirectoryError,
+               OutputWriteError, NonFiniteError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,14 +103,20 @@ def check_space_fits_data(space: SearchSpace, splits: DataSplits) -> None:
                          f"{'; '.join(problems)} (space vs data)")
 
 
+def space_differences(saved: Any, space: SearchSpace) -> list[str]:
+    """Keys in which a space saved in a file differs from ``space``; rebuilt first, so a space
+    that went through JSON (tuples as lists, integer keys as strings) compares equal."""
+    return differing_keys(get_space(saved).to_dict(), space.to_dict())
+
+
 def load_supernet(path: Path, space: SearchSpace, device: torch.device) -> tuple[Supernet, dict]:
     """A trained supernet from ``supernet.pt`` (or its safetensors export); refuses one
     trained on another space."""
     state = load_model_file(path)
     if not isinstance(state, dict) or "model" not in state or "space" not in state:
         raise ValueError(f"{path} is not a fairnas supernet file (expected keys model, space)")
-    if state["space"] != space.to_dict():
-        changed = differing_keys(state["space"], space.to_dict())
+    changed = space_differences(state["space"], space)
+    if changed:
         raise ValueError(f"{path} was trained on another search space (differs in "
                          f"{', '.join(changed)}); use the space it was trained on")
     supernet = Supernet(space)

@@ -263,16 +263,22 @@ def run_prepare_imagenet(args: argparse.Namespace) -> int:
 
 def _register_export(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export", help="write an architecture as JSON, a timm EfficientNet definition, or ONNX",
+        "export", help="write an architecture as JSON, a timm EfficientNet definition, or ONNX; "
+                       "weights as safetensors",
         description="Export a published model or any architecture. timm and ONNX exports are "
                     "checked: the exported model must reproduce PyTorch's outputs on random "
-                    "inputs (within 1e-4).",
+                    "inputs (within 1e-4). --format safetensors writes the weights of "
+                    "--checkpoint as safetensors, which load without unpickling anything: "
+                    "the project's model.pt or supernet.pt as they are (architecture and space "
+                    "kept in the metadata; `fairnas evaluate --model/--supernet` reads them), "
+                    "or a released file with --model/--arch, in the project's names.",
     )
     _add_model_arguments(parser)
     parser.add_argument("--checkpoint", metavar="FILE",
                         help="weights to carry over (timm: written beside the definition as "
                              ".safetensors in timm's names; ONNX: embedded)")
-    parser.add_argument("--format", required=True, choices=("json", "timm", "onnx"))
+    parser.add_argument("--format", required=True,
+                        choices=("json", "timm", "onnx", "safetensors"))
     parser.add_argument("--output", required=True, metavar="FILE", help="file to write")
     parser.add_argument("--input-size", type=int, metavar="N",
                         help="input side for ONNX and the checks (default: the space's)")
@@ -287,6 +293,8 @@ def run_export(args: argparse.Namespace) -> int:
     from fairnas.io import atomic_write_json, save_safetensors
     from fairnas.network import SinglePathNet
 
+    if args.format == "safetensors":
+        return _export_weights(args)
     if args.checkpoint:
         label, model = _checkpoint_model(args)
     else:
@@ -319,6 +327,45 @@ def run_export(args: argparse.Namespace) -> int:
     text = f"wrote {output} ({args.format} export of {label})"
     text += f"; checked against PyTorch: {', '.join(checks)}" if checks else ""
     emit(result, args.json, text)
+    return 0
+
+
+def _export_weights(args: argparse.Namespace) -> int:
+    """``--format safetensors``: the weights of ``--checkpoint`` with what describes them."""
+    import torch
+
+    from fairnas.io import load_model_file, save_model_file_as_safetensors
+
+    if not args.checkpoint:
+        raise ValueError("--format safetensors writes the weights of --checkpoint FILE "
+                         "(a model.pt or supernet.pt of this project, or a released file)")
+    state = load_model_file(args.checkpoint)
+    project_file = (isinstance(state, dict) and isinstance(state.get("model"), dict)
+                    and ("arch" in state or "space" in state))
+    if isinstance(state, dict) and "optimizer" in state and "kind" in state:
+        raise ValueError(f"{args.checkpoint} is a training checkpoint; export the model.pt or "
+                         f"supernet.pt written when training finished")
+    if project_file and not (args.model or args.arch):
+        label = "supernet" if "arch" not in state else str(state["arch"])
+        kept = {k: v for k, v in state.items() if k in ("model", "arch", "space", "ledger")}
+    else:
+        label, model = _checkpoint_model(args)
+        kept = {"model": model.state_dict(), "arch": str(model.arch),
+                "space": model.arch.space.to_dict()}
+    output = Path(args.output)
+    save_model_file_as_safetensors(output, kept)
+    result: dict[str, Any] = {"model": label, "format": "safetensors", "output": str(output),
+                              "tensors": len(kept["model"])}
+    if not args.no_check:  # read back: the same tensors, bit for bit
+        written = load_model_file(output)["model"]
+        result["identical"] = written.keys() == kept["model"].keys() and all(
+            torch.equal(written[k], v) for k, v in kept["model"].items())
+        if not result["identical"]:
+            print(f"fairnas export: check failed: {output} does not hold the same tensors as "
+                  f"{args.checkpoint}", file=sys.stderr)
+            return 1
+    emit(result, args.json, f"wrote {output} (the {result['tensors']} tensors of "
+                            f"{args.checkpoint}, as safetensors)")
     return 0
 
 

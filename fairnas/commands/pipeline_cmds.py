@@ -14,7 +14,7 @@ from fairnas.config import RunConfig, resolve_config
 from fairnas.costs import cost_model
 from fairnas.distributed import DistContext
 from fairnas.evaluate import CandidateEvaluator, accuracy
-from fairnas.io import load_checkpoint
+from fairnas.io import load_model_file
 from fairnas.network import SinglePathNet
 from fairnas.pipeline import (
     RunContext,
@@ -22,6 +22,7 @@ from fairnas.pipeline import (
     run_pipeline,
     run_search_stage,
     run_supernet_stage,
+    space_differences,
 )
 from fairnas.training import train_standalone
 
@@ -71,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         arch, _ = chosen_architecture(ctx)
         out_dir = ctx.stage_dir("retrain")
     result = train_standalone(arch, ctx.splits, ctx.config.train, out_dir, device=ctx.device,
-                              dist=ctx.dist)
+                              dist=ctx.dist, extra_config=ctx.data_settings)
     result.update(asdict(cost_model(ctx.space).cost(arch)))
     if ctx.dist.is_main:
         emit(result, args.json, f"{arch}: test accuracy {result['test_accuracy']:.4f}, "
@@ -82,13 +83,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     ctx = _context(args)
     if args.model:
-        state = load_checkpoint(args.model)
+        state = load_model_file(args.model)
         if not isinstance(state, dict) or "arch" not in state or "model" not in state:
             raise ValueError(f"{args.model} is not a fairnas stand-alone model file "
                              f"(expected keys arch, model)")
+        if "space" in state and space_differences(state["space"], ctx.space):
+            raise ValueError(f"{args.model} is a model of another search space (differs in "
+                             f"{', '.join(space_differences(state['space'], ctx.space))}); "
+                             f"set space to the one it was trained in")
         arch = Architecture.parse(ctx.space, state["arch"])
         model = SinglePathNet(arch)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as error:  # an older file without its space, of another space
+            raise ValueError(f"the weights in {args.model} do not fit {arch} in search space "
+                             f"{ctx.space.name!r}: {str(error).splitlines()[0]}") from error
         model.to(ctx.device)
         result = {"arch": str(arch), "test_accuracy": accuracy(model, ctx.splits.test,
                                                                device=ctx.device)}
@@ -136,7 +145,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(parser)
     parser.add_argument("--arch", help="architecture string or JSON")
     parser.add_argument("--supernet", help="supernet.pt (default: OUT_DIR/supernet/supernet.pt)")
-    parser.add_argument("--model", help="a stand-alone model.pt written by `fairnas train`")
+    parser.add_argument("--model", help="a stand-alone model.pt written by `fairnas train` "
+                                        "(or its safetensors export)")
     parser.set_defaults(func=cmd_evaluate)
 
     parser = subparsers.add_parser(
