@@ -49,7 +49,10 @@ class SupernetConfig:
     # from their output; gradients equal the plain sequential step up to float rounding. The stem's
     # BN running statistics then move once per step instead of m times (on the same batch).
     shared_prefix: bool = True
-    grad_reduction: str = "sum"  # sum | mean: how the m paths' gradients combine
+    # How the m paths' gradients combine: shared_mean (choice blocks: sum, i.e. each block's
+    # own gradient; shared layers: mean over paths) | sum (everything summed; shared layers
+    # then take m-times larger steps) | mean (everything averaged)
+    grad_reduction: str = "shared_mean"
     lr: float = 0.1
     warmup_steps: int = 50
     momentum: float = 0.9
@@ -129,7 +132,7 @@ class RunConfig:
 
 _CHOICES = {
     "supernet.sampler": ("strict", "uniform", "expectation"),
-    "supernet.grad_reduction": ("sum", "mean"),
+    "supernet.grad_reduction": ("shared_mean", "sum", "mean"),
     "supernet.on_nonfinite": ("stop", "skip"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.pick": ("best", "knee"),

@@ -144,6 +144,13 @@ class Supernet(_Backbone):
     def forward(self, x: torch.Tensor, arch: Architecture) -> torch.Tensor:
         return self.forward_path(self.forward_stem(x), arch)
 
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters every path uses: stem, first block, fixed layers, head, classifier."""
+        for module in (self.stem, self.first_block, self.head, self.classifier):
+            yield from module.parameters()
+        for index in self.space.fixed_layers:
+            yield from self.layers[index].parameters()
+
     def path_modules(self, arch: Architecture) -> Iterator[nn.Module]:
         """The modules a path uses: shared parts and one block per layer."""
         yield self.stem

@@ -33,6 +33,7 @@ from fairnas.network import Supernet
 logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+GRAD_REDUCTIONS = ("shared_mean", "sum", "mean")
 Precision = Callable[[], contextlib.AbstractContextManager]
 
 
@@ -91,8 +92,14 @@ class StepOutcome:
 class SupernetStep:
     """``step(paths, batches)``: zero gradients, all paths' passes, one sync, one update.
 
-    ``grad_reduction`` ``sum`` adds the paths' gradients (FairNAS); ``mean`` divides by their
-    number. ``sync_buffers`` are averaged across ranks with the gradients (BN running statistics
+    ``grad_reduction`` says how the m paths' gradients combine. ``sum`` adds them everywhere
+    (the literal accumulate-then-update rule): every choice block gets its own path's gradient,
+    but the layers all paths share (stem, first block, fixed layers, head, classifier) get m
+    gradients added up, an m times larger step. ``mean`` divides everything by m, so choice
+    blocks learn m times slower. ``shared_mean`` (the default) sums for choice blocks and averages
+    for shared layers, so every parameter moves by one single-path SGD step's worth.
+
+    ``sync_buffers`` are averaged across ranks with the gradients (BN running statistics
     under plain data parallelism). With ``restore_buffers`` a non-finite step also puts the
     buffers back as they were, since the forward passes already moved the running statistics.
     """
@@ -103,13 +110,15 @@ class SupernetStep:
         dist: DistContext | None = None, precision: Precision = contextlib.nullcontext,
         sync_buffers: Sequence[torch.Tensor] = (), restore_buffers: bool = False,
     ) -> None:
-        if grad_reduction not in ("sum", "mean"):
-            raise ValueError(f"grad_reduction should be sum or mean, got {grad_reduction!r}")
+        if grad_reduction not in GRAD_REDUCTIONS:
+            raise ValueError(f"grad_reduction should be one of {', '.join(GRAD_REDUCTIONS)}, "
+                             f"got {grad_reduction!r}")
         self.supernet, self.optimizer = supernet, optimizer
         self.shared_prefix, self.grad_reduction = shared_prefix, grad_reduction
         self.label_smoothing, self.precision = label_smoothing, precision
         self.dist = dist or DistContext.single()
         self.sync_buffers, self.restore_buffers = list(sync_buffers), restore_buffers
+        self.shared_params = list(supernet.shared_parameters())
 
     def __call__(self, paths: Sequence[Architecture], batches: Sequence[Batch]) -> StepOutcome:
         self.optimizer.zero_grad(set_to_none=True)
@@ -119,6 +128,10 @@ class SupernetStep:
         losses = backward_paths(self.supernet, paths, batches, shared_prefix=self.shared_prefix,
                                 scale=scale, label_smoothing=self.label_smoothing,
                                 precision=self.precision)
+        if self.grad_reduction == "shared_mean" and len(paths) > 1:
+            for param in self.shared_params:
+                if param.grad is not None:
+                    param.grad.div_(len(paths))
 
         total, finite = reduce_step(self.supernet, torch.stack(losses).sum(), self.dist,
                                     self.sync_buffers)

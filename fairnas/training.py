@@ -291,7 +291,7 @@ def train_supernet(
     forward, loss, backward (gradients of all paths accumulate); synchronise across processes
     once; one optimizer update. With ``shared_batch`` all paths see the same batch, and with
     ``shared_prefix`` the stem and fixed first block run once for the step. ``grad_reduction``
-    ``sum`` adds the paths' gradients as FairNAS does; ``mean`` divides by the number of paths.
+    says how the paths' gradients combine (see :class:`~fairnas.steps.SupernetStep`).
     """
     dist = dist or DistContext.single()
     out_dir = Path(out_dir)

@@ -267,12 +267,17 @@ def test_mean_reduction_divides_the_summed_gradient(tmp_path: Path,
         return optimizer
 
     monkeypatch.setattr(training, "make_sgd", make_sgd_spy)
-    for reduction in ("sum", "mean"):
+    for reduction in ("sum", "mean", "shared_mean"):
         train_supernet(fresh_supernet(), synthetic_splits(),
                        supernet_config(grad_reduction=reduction, max_steps=1),
                        tmp_path / reduction)
     for total, mean in zip(grads["sum"], grads["mean"], strict=True):
         torch.testing.assert_close(total, 3 * mean, rtol=1e-5, atol=1e-8)
+    # shared_mean: choice blocks keep their summed gradient, shared layers get the mean.
+    names = [name for name, _ in fresh_supernet().named_parameters()]
+    for name, total, mixed in zip(names, grads["sum"], grads["shared_mean"], strict=True):
+        shared = not name.startswith("layers.")
+        torch.testing.assert_close(mixed, total / 3 if shared else total, rtol=1e-5, atol=1e-8)
 
 
 class KilledError(Exception):
