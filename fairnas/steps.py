@@ -106,7 +106,7 @@ class SupernetStep:
 
     def __init__(
         self, supernet: Supernet, optimizer: torch.optim.Optimizer, *, shared_prefix: bool = True,
-        grad_reduction: str = "sum", label_smoothing: float = 0.0,
+        grad_reduction: str = "shared_mean", label_smoothing: float = 0.0,
         dist: DistContext | None = None, precision: Precision = contextlib.nullcontext,
         sync_buffers: Sequence[torch.Tensor] = (), restore_buffers: bool = False,
     ) -> None:
