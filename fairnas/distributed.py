@@ -99,8 +99,9 @@ def reduce_step(
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not dist.enabled:
-        norms = torch._foreach_norm(grads) if grads else []
-        finite = torch.isfinite(torch.stack([loss.detach().float(), *norms]).sum())
+        # Largest magnitude per gradient: inf or NaN exactly when an element is (no overflow).
+        peaks = torch._foreach_norm(grads, float("inf")) if grads else []
+        finite = torch.isfinite(torch.stack([loss.detach().float(), *peaks])).all()
         value, ok = torch.stack([loss.detach().float(), finite.float()]).tolist()
         return value, bool(ok)
 
