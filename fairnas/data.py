@@ -328,9 +328,12 @@ def load_image_folders(
         raise FileNotFoundError(f"data folder {root} does not exist")
     if input_channels not in _MODES:
         raise ValueError(f"folder images can be read as 1 or 3 channels, not {input_channels}")
-    folders = {}
     for split in ("train", "test"):
-        folders[split] = _class_files(root / split, root)
+        if not (root / split).is_dir():
+            raise FileNotFoundError(
+                f"{root / split} does not exist: data.dataset 'folder' expects "
+                f"{root}/train/<class>/<images> and {root}/test/<class>/<images>")
+    folders = {split: _class_files(root / split) for split in ("train", "test")}
     only_train = sorted(set(folders["train"]) - set(folders["test"]))
     only_test = sorted(set(folders["test"]) - set(folders["train"]))
     if only_train or only_test:
@@ -355,10 +358,7 @@ def load_image_folders(
     return train, test, classes
 
 
-def _class_files(folder: Path, root: Path) -> dict[str, list[Path]]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist: data.dataset 'folder' expects "
-                                f"{root}/train/<class>/<images> and {root}/test/<class>/<images>")
+def _class_files(folder: Path) -> dict[str, list[Path]]:
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"{folder} holds no class folders; expected {folder}/<class>/<images>")
