@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,9 +192,12 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(hint_type):
             values[key] = _from_dict(hint_type, value or {}, f"{name}.")
             continue
+        takes_float = hint_type is float or float in typing.get_args(hint_type)
+        if takes_float and isinstance(value, str):
+            value = _number_or_text(value)
         if not _type_matches(value, hint_type):
             raise ConfigError(f"{name} should be of type {_type_name(hint_type)}, got {value!r}")
-        if hint_type is float or (float in typing.get_args(hint_type)):
+        if takes_float:
             value = float(value) if value is not None else None
         _check_value(name, value)
         values[key] = value
@@ -204,7 +208,18 @@ def _type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+def _number_or_text(text: str) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as text; for a number-valued key it means the number."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
+
+
 def _check_value(name: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} should be a finite number, got {value!r}")
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ConfigError(f"{name} should be one of {', '.join(_CHOICES[name])}, got {value!r}")
     if name in _POSITIVE and value is not None and value <= 0:

@@ -61,6 +61,7 @@ def test_unknown_keys_suggest_the_intended_key(
     ("data.dataset=imagenet", "data.dataset should be one of fashion-mnist, folder, cifar10, "
                               "got 'imagenet'"),
     ("supernet.lr=fast", "supernet.lr should be of type float, got 'fast'"),
+    ("supernet.lr=.nan", "supernet.lr should be a finite number, got nan"),
 ])
 def test_values_out_of_range_are_refused(
     override: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture,

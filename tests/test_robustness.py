@@ -293,3 +293,26 @@ def test_project_weights_export_to_safetensors_and_load_from_there(
                            "--supernet", str(path))["supernet_accuracy"]
                   for path in (source, output)]
     assert scores[0] == scores[1]
+
+
+def test_resuming_on_other_data_is_refused_naming_the_key(
+    trained_files: dict[str, Path], capsys: pytest.CaptureFixture,
+) -> None:
+    """The trainers checkpoint the data settings: the same steps on other images would make a
+    resumed run meaningless, even where the supernet settings are unchanged."""
+    config = ["--config", str(trained_files["config"]), "--set", "data.val_size=12"]
+    for command in (["train-supernet"], ["train", "--arch", "k3e1-k3e2-k5e1"]):
+        assert main([*command, *config]) == 2
+        err = capsys.readouterr().err
+        assert "refusing to resume" in err and "configuration changed in data.val_size" in err
+
+
+def test_a_diverging_run_is_one_line_from_the_cli(
+    trained_files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    assert main(["train-supernet", "--config", str(trained_files["config"]), "--out-dir",
+                 str(tmp_path), "--set", "supernet.lr=1e30", "--set", "supernet.momentum=0",
+                 "--set", "supernet.max_steps=20"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert re.match(r"fairnas train-supernet: error: supernet step \d+: non-finite", err), err
+    assert "on_nonfinite=skip" in err
