@@ -367,6 +367,31 @@ def train_supernet(
     return summary
 
 
+class _NonFiniteSteps:
+    """A stand-alone run's answer to a non-finite step: stop, naming the step and the last good
+    checkpoint, or (``skip``) undo what the step changed and count it."""
+
+    def __init__(self, model: nn.Module, policy: str, checkpoint: Path) -> None:
+        self.model, self.skip, self.checkpoint = model, policy == "skip", checkpoint
+        self.skipped = 0
+        self._buffers: list[torch.Tensor] = []
+
+    def before_step(self) -> None:
+        if self.skip:  # the forward pass moves the BN running statistics, finite or not
+            self._buffers = [b.clone() for b in self.model.buffers()]
+
+    def handle(self, what: str) -> None:
+        if not self.skip:
+            raise NonFiniteError(f"{what}; training stopped, the last good checkpoint is "
+                                 f"{self.checkpoint}. Lower train.lr, or set "
+                                 f"train.on_nonfinite=skip to skip such steps.")
+        with torch.no_grad():
+            for buffer, value in zip(self.model.buffers(), self._buffers, strict=True):
+                buffer.copy_(value)
+        self.skipped += 1
+        logger.warning("%s; step skipped (%d so far)", what, self.skipped)
+
+
 def train_standalone(
     arch: Architecture | nn.Module,
     splits: DataSplits,
@@ -399,15 +424,15 @@ def train_standalone(
     optimizer = make_sgd(model, lr=config.lr, momentum=config.momentum,
                          nesterov=config.nesterov, weight_decay=config.weight_decay)
     arch_text = str(arch) if isinstance(arch, Architecture) else type(arch).__name__
-    skipped = {"steps": 0}
+    nonfinite = _NonFiniteSteps(model, config.on_nonfinite, out_dir / "checkpoint.pt")
     loop = TrainingLoop(
         name="standalone", model=model, optimizer=optimizer, out_dir=out_dir,
         total_steps=total_steps, steps_per_epoch=steps_per_epoch, base_lr=config.lr,
         warmup_steps=config.warmup_steps, log_interval=config.log_interval,
         config={**asdict(config), "arch": arch_text, **(extra_config or {})}, dist=dist,
         checkpoint_every=_checkpoint_every(checkpoint_every, config),
-        state_fns=(lambda: {"skipped_steps": skipped["steps"]},
-                   lambda state: skipped.update(steps=state.get("skipped_steps", 0))),
+        state_fns=(lambda: {"skipped_steps": nonfinite.skipped},
+                   lambda state: setattr(nonfinite, "skipped", state.get("skipped_steps", 0))),
         epoch_end=lambda epoch: {"val_accuracy": accuracy(model, splits.val, device=device)},
     )
     if resume:
@@ -420,25 +445,15 @@ def train_standalone(
 
     def step_fn(step: int) -> StepResult | None:
         batch = feeder(step)
-        skip = config.on_nonfinite == "skip"
-        buffers = [b.clone() for b in model.buffers()] if skip else []
+        nonfinite.before_step()
         loss, finite = standalone_step(model, optimizer, batch,
                                        label_smoothing=config.label_smoothing, dist=dist,
                                        precision=precision, sync_buffers=sync_buffers)
-        if finite:
-            return StepResult(loss, len(batch[1]) * dist.world_size)
-
-        what = f"stand-alone step {step}: non-finite loss or gradient for {arch_text}"
-        if not skip:
-            raise NonFiniteError(f"{what}; training stopped, the last good checkpoint is "
-                                 f"{loop.checkpoint_path}. Lower train.lr, or set "
-                                 f"train.on_nonfinite=skip to skip such steps.")
-        with torch.no_grad():  # the forward pass moved the BN running statistics
-            for buffer, value in zip(model.buffers(), buffers, strict=True):
-                buffer.copy_(value)
-        skipped["steps"] += 1
-        logger.warning("%s; step skipped (%d so far)", what, skipped["steps"])
-        return None
+        if not finite:
+            nonfinite.handle(f"stand-alone step {step}: non-finite loss or gradient for "
+                             f"{arch_text}")
+            return None
+        return StepResult(loss, len(batch[1]) * dist.world_size)
 
     start = time.perf_counter()
     with global_batch_norm(model, config.sync_bn and dist.enabled):
@@ -450,7 +465,7 @@ def train_standalone(
         "seconds": time.perf_counter() - start,
         "val_accuracy": accuracy(model, splits.val, device=device),
         "test_accuracy": accuracy(model, test, device=device),
-        "skipped_steps": skipped["steps"],
+        "skipped_steps": nonfinite.skipped,
     }
     if dist.is_main:
         saved = {"model": model.state_dict(), "arch": arch_text}
