@@ -188,7 +188,8 @@ class TrainingLoop:
         writer = self._tensorboard()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
                    disable=not self.dist.is_main, dynamic_ncols=True, mininterval=2.0)
-        window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+        window_loss, window_steps, window_images = 0.0, 0, 0
+        window_start = time.perf_counter()
         try:
             while self.step < self.total_steps:
                 lr = lr_at(self.step, base_lr=self.base_lr, warmup_steps=self.warmup_steps,
@@ -202,18 +203,20 @@ class TrainingLoop:
 
                 if result is not None:
                     window_loss += result.loss
+                    window_steps += 1
                     self.epoch_loss += result.loss
                     window_images += result.images
                     self.epoch_steps += 1
                 if self.step % self.log_interval == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - window_start
-                    logger.info("%s step %d/%d loss %.4f images/s %.0f lr %.5f", self.name,
-                                self.step, self.total_steps,
-                                window_loss / max(self.log_interval, 1), window_images / elapsed,
-                                lr)
-                    bar.set_postfix(loss=f"{window_loss / max(self.log_interval, 1):.3f}",
-                                    lr=f"{lr:.4f}")
-                    window_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+                    recent = window_loss / max(window_steps, 1)
+                    running = self.epoch_loss / max(self.epoch_steps, 1)
+                    logger.info("%s step %d/%d loss %.4f (epoch mean %.4f) images/s %.0f "
+                                "lr %.5f", self.name, self.step, self.total_steps, recent,
+                                running, window_images / elapsed, lr)
+                    bar.set_postfix(loss=f"{recent:.3f}", lr=f"{lr:.4f}")
+                    window_loss, window_steps, window_images = 0.0, 0, 0
+                    window_start = time.perf_counter()
                 epoch_done = self.step % self.steps_per_epoch == 0
                 if epoch_done or self.step == self.total_steps:
                     self._end_epoch(self.epoch_loss / max(self.epoch_steps, 1), lr, writer)
