@@ -18,16 +18,6 @@ from fairnas.evaluate import CandidateEvaluator, accuracy
 from fairnas.network import SinglePathNet, Supernet
 from fairnas.space import SearchSpace, get_space
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: extra intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = get_space("tiny")
 
 

@@ -13,16 +13,6 @@ from fairnas.costs import Cost, CostModel, cost_model, count_module
 from fairnas.network import SinglePathNet, Supernet
 from fairnas.space import SearchSpace, get_space
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: extra intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Expansion and kernel of blocks 1..19 of the published models (FAIRNAS.md, section 3).
 PUBLISHED = {
     "A": ("3 3 3 6 6 3 3 6 6 3 6 3 3 6 6 6 6 6 6", "7 3 7 3 7 3 3 7 7 5 3 5 5 3 3 7 3 7 5"),

@@ -20,13 +20,6 @@ from fairnas.zoo import get_model
 pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _inputs(channels: int = 3, size: int = 64) -> torch.Tensor:
     return torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(7))

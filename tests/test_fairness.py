@@ -20,16 +20,6 @@ from fairnas.samplers import FairnessLedger, PathSampler
 from fairnas.space import SearchSpace, get_space
 from fairnas.training import train_supernet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: extra intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = get_space("tiny")
 
 

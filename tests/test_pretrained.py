@@ -36,14 +36,6 @@ INDEX = json.loads((KEYS_DIR / "index.json").read_text())
 RELEASES = sorted(INDEX)
 STRIDE_TWO_BLOCKS = {0, 2, 6, 14}  # blocks 1, 3, 7 and 15 of the paper's table, 0-based
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small forward passes: one thread is faster, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def official_listing(release: str) -> dict[str, list[int]]:
     """Key -> shape of a released file, in the file's order."""

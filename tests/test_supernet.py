@@ -15,15 +15,6 @@ from fairnas.network import SinglePathNet, Supernet
 from fairnas.space import SearchSpace, get_space
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: extra intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_with_fixed_layer() -> SearchSpace:
     return get_space("tiny").with_options(name="tiny_fixed", fixed_layers={1: "k5e2"})
 

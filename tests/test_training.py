@@ -29,16 +29,6 @@ from fairnas.samplers import PathSampler
 from fairnas.space import get_space
 from fairnas.training import NonFiniteError, lr_at, train_standalone, train_supernet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: extra intra-op threads only add contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = get_space("tiny")
 
 

@@ -25,13 +25,6 @@ pytestmark = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
 FMNIST_ARCH = "k3e3-k3e6-k5e3-k5e6-k7e3-k7e6"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def fmnist_root(tmp_path_factory) -> Path:

@@ -30,13 +30,6 @@ needs_fashion_mnist = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(),
                                          reason="Fashion-MNIST package not installed")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def fashion_images(tmp_path_factory) -> tuple[np.ndarray, np.ndarray]:

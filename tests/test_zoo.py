@@ -16,13 +16,6 @@ from fairnas.zoo import MODEL_NAMES, ZOO, architecture_tokens, get_model, resolv
 _BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _profile(capsys, *args: str) -> dict:
     assert main(["profile", *args, "--json"]) == 0
