@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from fairnas.accelerator import place_model
 from fairnas.arch import Architecture
 from fairnas.config import RunConfig, config_to_dict, differing_keys, save_config
 from fairnas.costs import cost_model
@@ -49,7 +50,10 @@ STAGES = ("supernet", "search", "retrain")
 # Keys whose change does not change what a finished stage produced.
 HARMLESS_KEYS = {"out_dir", "device", "threads", "supernet.log_interval", "train.log_interval",
                  "data.root", "supernet.checkpoint_every", "train.checkpoint_every",
-                 "supernet.on_nonfinite", "train.on_nonfinite"}
+                 "supernet.on_nonfinite", "train.on_nonfinite",
+                 # memory layout and host staging: the same numbers up to float rounding
+                 "supernet.channels_last", "train.channels_last", "eval.channels_last",
+                 "supernet.pin_memory", "train.pin_memory"}
 # Which config sections each stage's result depends on.
 STAGE_KEYS = {
     "supernet": ("space", "data.", "supernet."),
@@ -152,6 +156,7 @@ def run_search_stage(ctx: RunContext, supernet_path: Path | None = None) -> dict
     check_limits(ctx.space, ctx.config.search)  # before loading anything
     path = supernet_path or ctx.stage_dir("supernet") / "supernet.pt"
     supernet, _ = load_supernet(path, ctx.space, ctx.device)
+    place_model(supernet, ctx.device, channels_last=ctx.config.eval.channels_last)
     evaluator = CandidateEvaluator(supernet, ctx.splits, ctx.config.eval, device=ctx.device)
     # Rank 0 searches and alone writes the search files; every rank scores a share of each batch.
     result = evaluate_across_ranks(

@@ -261,6 +261,7 @@ class TrainingLoop:
 # ``on_nonfinite`` only decides what happens at a non-finite step, and the steps already taken
 # were finite either way: switching to ``skip`` after a stop is how such a run is continued.
 RESUME_SAFE_KEYS = {"log_interval", "threads", "device", "root", "out_dir", "pin_memory",
+                    "channels_last",  # memory layout: the same numbers up to float rounding
                     "checkpoint_every", "on_nonfinite"}
 
 

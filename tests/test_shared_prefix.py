@@ -143,14 +143,15 @@ def test_device_settings_on_cpu_change_nothing_but_layout(tmp_path: Path,
     splits = split_train(full, full.subset(torch.arange(8)), val_size=8, calib_size=8,
                          split_seed=0, num_classes=4)
     results = {}
-    for settings in ({}, {"amp": True, "channels_last": True, "pin_memory": True}):
+    for settings in ({"channels_last": False},
+                     {"amp": True, "channels_last": True, "pin_memory": True}):
         config = SupernetConfig(batch_size=8, max_steps=2, warmup_steps=0, lr=0.05,
                                 log_interval=1000, **settings)
         supernet = fresh_supernet(TINY)
         with caplog.at_level(logging.WARNING, logger="fairnas.accelerator"):
-            train_supernet(supernet, splits, config, tmp_path / str(bool(settings)))
-        results[bool(settings)] = {k: v.detach().contiguous() for k, v in
-                                   supernet.named_parameters()}
+            train_supernet(supernet, splits, config, tmp_path / str(config.channels_last))
+        results[config.channels_last] = {k: v.detach().contiguous() for k, v in
+                                         supernet.named_parameters()}
     assert "amp applies to CUDA only" in caplog.text
     for key, value in results[False].items():
         torch.testing.assert_close(results[True][key], value, rtol=1e-4, atol=1e-6, msg=key)
