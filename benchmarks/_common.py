@@ -40,13 +40,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     cli.add_argument("--threads", type=int, default=1,
                      help="torch intra-op threads (default 1: on a shared 2-core machine two "
                           "threads per op mostly measure the other jobs)")
+    cli.add_argument("--layout", choices=("config", "nchw", "nhwc"), default="config",
+                     help="memory layout of networks and batches (default: the configured "
+                          "channels_last, as training and search run)")
     return cli
 
 
-def setup(args: argparse.Namespace, title: str) -> None:
+def channels_last(args: argparse.Namespace, configured: bool) -> bool:
+    return configured if args.layout == "config" else args.layout == "nhwc"
+
+
+def setup(args: argparse.Namespace, title: str, *, layout: bool) -> None:
     torch.set_num_threads(args.threads)
     print(f"== {title}")
-    print(machine_line())
+    print(machine_line() + f"; {'channels-last' if layout else 'NCHW'} layout")
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:

@@ -50,7 +50,7 @@ def main() -> int:
     cli = parser(__doc__.splitlines()[0])
     cli.add_argument("--rounds", type=int, default=3)
     args = cli.parse_args()
-    setup(args, "cost model")
+    setup(args, "cost model", layout=False)
     passed = True
     for space_name, builds in (("imagenet", 2), ("fmnist", 10)):
         lookups_per_s, builds_per_s = measure(space_name, 20_000, builds, args.rounds)

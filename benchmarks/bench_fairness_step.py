@@ -20,8 +20,10 @@ import statistics
 import sys
 
 import torch
-from _common import interleaved, median_ms, parser, ratio_of, setup, verdict
+from _common import channels_last, interleaved, median_ms, parser, ratio_of, setup, verdict
 
+from fairnas.accelerator import place_model
+from fairnas.config import SupernetConfig
 from fairnas.network import Supernet
 from fairnas.samplers import FairnessLedger, PathSampler
 from fairnas.space import get_space
@@ -33,17 +35,23 @@ def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
     return make_sgd(model, lr=0.01, momentum=0.9, nesterov=True, weight_decay=4e-5)
 
 
-def measure(space_name: str, batch_size: int, rounds: int) -> dict[str, list[float]]:
+def measure(space_name: str, batch_size: int, rounds: int,
+            nhwc: bool) -> dict[str, dict[str, list[float]]]:
     space = get_space(space_name)
     torch.manual_seed(0)
     supernet = Supernet(space).train()
+    place_model(supernet, "cpu", channels_last=nhwc)
     images = torch.randn(batch_size, space.input_channels, space.input_size, space.input_size)
+    if nhwc:
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(space.num_classes, (batch_size,))
     batch = (images, labels)
     sampler = PathSampler(space, "strict", seed=0)
     ledger = FairnessLedger(sampler.num_layers, sampler.num_choices)
     paths = sampler.sample(0)
     standalone = [supernet.extract(path).train() for path in paths]
+    for model in standalone:
+        place_model(model, "cpu", channels_last=nhwc)
     standalone_optimizers = [optimizer_for(model) for model in standalone]
     steps = {shared: SupernetStep(supernet, optimizer_for(supernet), shared_prefix=shared)
              for shared in (True, False)}
@@ -102,11 +110,12 @@ def main() -> int:
     cli.add_argument("--fmnist-batch", type=int, default=128, help="the supernet default")
     cli.add_argument("--rounds", type=int, default=5)
     args = cli.parse_args()
-    setup(args, "strict-fairness step")
+    nhwc = channels_last(args, SupernetConfig().channels_last)
+    setup(args, "strict-fairness step", layout=nhwc)
     passed = True
     for space_name, batch_size, target in (("imagenet", args.imagenet_batch, 0.9),
                                            ("fmnist", args.fmnist_batch, None)):
-        times = measure(space_name, batch_size, args.rounds)
+        times = measure(space_name, batch_size, args.rounds, nhwc)
         passed &= report(space_name, batch_size, times, prefix_target=target)
     return 0 if passed else 1
 

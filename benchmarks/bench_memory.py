@@ -23,9 +23,11 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-from _common import parser, setup, verdict
+from _common import channels_last, parser, setup, verdict
 from torch.profiler import ProfilerActivity, profile
 
+from fairnas.accelerator import place_model
+from fairnas.config import SupernetConfig
 from fairnas.network import Supernet
 from fairnas.samplers import PathSampler
 from fairnas.space import get_space
@@ -63,11 +65,14 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def measure(space_name: str, batch_size: int) -> dict[str, float]:
+def measure(space_name: str, batch_size: int, nhwc: bool) -> dict[str, float]:
     space = get_space(space_name)
     torch.manual_seed(0)
     supernet = Supernet(space).train()
+    place_model(supernet, "cpu", channels_last=nhwc)
     images = torch.randn(batch_size, space.input_channels, space.input_size, space.input_size)
+    if nhwc:
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(space.num_classes, (batch_size,))
     optimizer = make_sgd(supernet, lr=0.01, momentum=0.9, nesterov=True, weight_decay=4e-5)
     paths = PathSampler(space, "strict", seed=0).sample(0)
@@ -96,11 +101,12 @@ def main() -> int:
     cli.add_argument("--imagenet-batches", type=int, nargs="+", default=[4, 16])
     cli.add_argument("--fmnist-batch", type=int, default=128)
     args = cli.parse_args()
-    setup(args, "peak memory of a step")
+    nhwc = channels_last(args, SupernetConfig().channels_last)
+    setup(args, "peak memory of a step", layout=nhwc)
     passed = True
     runs = [("imagenet", b) for b in args.imagenet_batches] + [("fmnist", args.fmnist_batch)]
     for space_name, batch_size in runs:
-        r = measure(space_name, batch_size)
+        r = measure(space_name, batch_size, nhwc)
         print(f"-- space {space_name}, batch {batch_size}: peak memory during the step "
               f"(resident before it: {r['resident']:.0f} MiB of parameters, buffers, momentum "
               f"and batch)")

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import parser, setup
+from _common import channels_last, parser, setup
 
 import fairnas.evaluate as evaluate_module
+from fairnas.accelerator import place_model
 from fairnas.arch import Architecture
 from fairnas.config import EvalConfig
 from fairnas.data import TensorSplit, iterate_in_order, split_train
@@ -56,10 +57,11 @@ def random_splits(space_name: str, calib: int, val: int) -> Any:
                        num_classes=space.num_classes)
 
 
-def measure(space_name: str, config: EvalConfig, candidates: int) -> None:
+def measure(space_name: str, config: EvalConfig, candidates: int, nhwc: bool) -> None:
     space = get_space(space_name)
     torch.manual_seed(0)
     supernet = Supernet(space).eval()
+    place_model(supernet, "cpu", channels_last=nhwc)  # as the search stage does
     splits = random_splits(space_name, config.calib_images, config.val_images or 2000)
     evaluator = CandidateEvaluator(supernet, splits, config)
     generator = torch.Generator().manual_seed(0)
@@ -102,9 +104,10 @@ def main() -> int:
     cli = parser(__doc__.splitlines()[0])
     cli.add_argument("--candidates", type=int, default=10)
     args = cli.parse_args()
-    setup(args, "candidate evaluation")
-    measure("fmnist", EvalConfig(), args.candidates)  # the evaluation defaults
-    measure("imagenet", EvalConfig(calib_images=64, val_images=64, batch_size=32), 3)
+    nhwc = channels_last(args, EvalConfig().channels_last)
+    setup(args, "candidate evaluation", layout=nhwc)
+    measure("fmnist", EvalConfig(), args.candidates, nhwc)  # the evaluation defaults
+    measure("imagenet", EvalConfig(calib_images=64, val_images=64, batch_size=32), 3, nhwc)
     return 0
 
 
