@@ -157,7 +157,9 @@ def prepare_fashion_mnist(root: Path, source: Path = DEBIAN_FASHION_MNIST) -> Pa
         archive = source / f"{name}.gz"
         if not archive.exists():
             raise FileNotFoundError(f"{archive} is missing from the Fashion-MNIST package")
-        partial = raw / f".{name}.partial"
+        # One partial file per process: the ranks of a torchrun job unpack at the same moment,
+        # and each must not truncate or rename another's file (the contents are identical).
+        partial = raw / f".{name}.{os.getpid()}.partial"
         with gzip.open(archive, "rb") as packed, open(partial, "wb") as unpacked:
             shutil.copyfileobj(packed, unpacked)
         os.replace(partial, raw / name)
