@@ -40,6 +40,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     cli.add_argument("--threads", type=int, default=1,
                      help="torch intra-op threads (default 1: on a shared 2-core machine two "
                           "threads per op mostly measure the other jobs)")
+    cli.add_argument("--check", action="store_true",
+                     help="exit with status 1 if a target is missed (default: always 0, so "
+                          "`make bench` runs every benchmark)")
     cli.add_argument("--layout", choices=("config", "nchw", "nhwc"), default="config",
                      help="memory layout of networks and batches (default: the configured "
                           "channels_last, as training and search run)")
@@ -104,3 +107,9 @@ def verdict(name: str, value: float, target: float, *, at_most: bool = True,
 
 def median_ms(values: list[float]) -> str:
     return f"{1000 * statistics.median(values):.1f} ms"
+
+
+def finish(args: argparse.Namespace, passed: bool) -> int:
+    """The exit status: 1 for a missed target only with ``--check``."""
+    print("all targets met" if passed else "some targets missed (FAIL above)")
+    return 1 if args.check and not passed else 0

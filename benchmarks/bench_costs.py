@@ -14,7 +14,7 @@ import statistics
 import sys
 
 import torch
-from _common import interleaved, parser, setup, verdict
+from _common import finish, interleaved, parser, setup, verdict
 
 from fairnas.arch import Architecture
 from fairnas.costs import cost_model, count_module
@@ -58,7 +58,7 @@ def main() -> int:
               f"{builds_per_s:.2f} builds+counts/s (CPU time, median of {args.rounds} rounds)")
         passed &= verdict(f"[{space_name}] lookups per second / builds+counts per second",
                           lookups_per_s / builds_per_s, 1000, at_most=False, fmt="{:,.0f}")
-    return 0 if passed else 1
+    return finish(args, passed)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import statistics
 import sys
 
 import torch
-from _common import channels_last, interleaved, median_ms, parser, ratio_of, setup, verdict
+from _common import channels_last, finish, interleaved, median_ms, parser, ratio_of, setup, verdict
 
 from fairnas.accelerator import place_model
 from fairnas.config import SupernetConfig
@@ -117,7 +117,7 @@ def main() -> int:
                                            ("fmnist", args.fmnist_batch, None)):
         times = measure(space_name, batch_size, args.rounds, nhwc)
         passed &= report(space_name, batch_size, times, prefix_target=target)
-    return 0 if passed else 1
+    return finish(args, passed)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-from _common import interleaved, parser, ratio_of, setup, verdict
+from _common import finish, interleaved, parser, ratio_of, setup, verdict
 from bench_search_eval import random_splits
 
 from fairnas.accelerator import place_model
@@ -85,7 +85,7 @@ def main() -> int:
                               median, 1.0, spread=(low, high))
     print("channels_last: true is the faster default here" if faster else
           "channels_last: true is NOT faster everywhere here; see the lines above")
-    return 0 if faster else 1
+    return finish(args, faster)
 
 
 if __name__ == "__main__":

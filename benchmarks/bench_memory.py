@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-from _common import channels_last, parser, setup, verdict
+from _common import channels_last, finish, parser, setup, verdict
 from torch.profiler import ProfilerActivity, profile
 
 from fairnas.accelerator import place_model
@@ -118,7 +118,7 @@ def main() -> int:
                           r["strict, shared prefix"] / r["single path, largest"], 1.2)
         print(f"   (against the mean single-path step: "
               f"{r['strict, shared prefix'] / r['single path, mean']:.3f})")
-    return 0 if passed else 1
+    return finish(args, passed)
 
 
 if __name__ == "__main__":
