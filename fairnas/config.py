@@ -70,8 +70,8 @@ class SupernetConfig:
     sync_bn: bool = False
     # Device settings; defaults measured on CPU (docs/performance.md), none on a GPU.
     amp: bool = False  # CUDA only: bf16 autocast for forward passes and loss
-    # NHWC weights and activations: same numbers up to rounding; steps took 0.68-0.84x the time
-    # on a 2-core Xeon (mkldnn convolutions), and tensor cores want it on GPUs.
+    # NHWC weights and activations: same numbers up to rounding; training steps took 0.70-0.92x
+    # the time on a 2-core Xeon (benchmarks/bench_layout.py), and GPUs' tensor cores want it.
     channels_last: bool = True
     pin_memory: bool = False  # CUDA only: batches staged in pinned memory, copied non-blocking
 
