@@ -3,9 +3,9 @@
 A supernet's BN running statistics are a blend over every path it trained, so they are wrong
 for any single candidate. Before scoring, each candidate's BN layers get the statistics of the
 calibration images flowing through *that* candidate. PyTorch's ``momentum=None`` averages
-per-batch variances, which misses the spread between batch means; here every BN layer's input is
-accumulated in float64 over all calibration images, and the running mean and (unbiased)
-variance are set to the exact values for the whole set.
+per-batch variances, which misses the spread between batch means; here each batch's per-channel
+mean and variance are merged exactly (in float64) into those of all calibration images so far,
+and the running mean and (unbiased) variance are set to the values for the whole set.
 """
 
 from __future__ import annotations
@@ -64,15 +64,25 @@ def recalibrate_bn(
     """
     forward = forward or model
     bns = bns if bns is not None else batch_norms([model])
-    sums: dict[int, list] = {}
+    # Per BN layer: images' count, mean and sum of squared deviations (float64, per channel).
+    moments: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
 
     def accumulate(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].detach().double()
+        # One pass over the batch in its own precision, then an exact merge of the batch's
+        # moments into the running ones (Chan et al.'s pairwise update) in float64.
+        x = inputs[0].detach()
         dims = [d for d in range(x.dim()) if d != 1]
-        entry = sums.setdefault(id(module), [0.0, 0.0, 0])
-        entry[0] = entry[0] + x.sum(dims)
-        entry[1] = entry[1] + (x * x).sum(dims)
-        entry[2] += x.numel() // x.shape[1]
+        var, mean = torch.var_mean(x, dims, correction=0)
+        count = x.numel() // x.shape[1]
+        mean, squares = mean.double(), var.double() * count
+        if id(module) not in moments:
+            moments[id(module)] = (count, mean, squares)
+            return
+        seen, old_mean, old_squares = moments[id(module)]
+        total = seen + count
+        delta = mean - old_mean
+        moments[id(module)] = (total, old_mean + delta * (count / total),
+                               old_squares + squares + delta * delta * (seen * count / total))
 
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
@@ -93,11 +103,10 @@ def recalibrate_bn(
     if images == 0:
         raise ValueError("BN recalibration needs at least one calibration image")
     for bn in bns:
-        if id(bn) not in sums:
+        if id(bn) not in moments:
             continue  # a BN layer the forward never reached keeps its statistics
-        total, total_sq, count = sums[id(bn)]
-        mean = total / count
-        var = (total_sq - count * mean * mean) / max(count - 1, 1)
+        count, mean, squares = moments[id(bn)]
+        var = squares / max(count - 1, 1)
         bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
         bn.running_var.copy_(var.clamp_min(0).to(bn.running_var.dtype))
         bn.num_batches_tracked.fill_(batches_seen)
