@@ -29,7 +29,7 @@ import yaml
 
 from fairnas.accelerator import place_model
 from fairnas.arch import Architecture
-from fairnas.config import RunConfig, config_to_dict, differing_keys, save_config
+from fairnas.config import DataConfig, RunConfig, config_to_dict, differing_keys, save_config
 from fairnas.costs import cost_model
 from fairnas.data import DataSplits, load_splits
 from fairnas.distributed import (
@@ -79,10 +79,7 @@ class RunContext:
 
     @cached_property
     def splits(self) -> DataSplits:
-        splits = load_splits(self.config.data, input_size=self.space.input_size,
-                             input_channels=self.space.input_channels)
-        check_space_fits_data(self.space, splits)
-        return splits
+        return load_splits_for_space(self.config.data, self.space)
 
     @property
     def data_settings(self) -> dict[str, Any]:
@@ -92,6 +89,14 @@ class RunContext:
 
     def stage_dir(self, stage: str) -> Path:
         return self.out_dir / stage
+
+
+def load_splits_for_space(config: DataConfig, space: SearchSpace) -> DataSplits:
+    """The configured data, shaped for ``space`` (folder images) and checked against it."""
+    splits = load_splits(config, input_size=space.input_size,
+                         input_channels=space.input_channels)
+    check_space_fits_data(space, splits)
+    return splits
 
 
 def check_space_fits_data(space: SearchSpace, splits: DataSplits) -> None:

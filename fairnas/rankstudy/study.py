@@ -33,11 +33,11 @@ from fairnas import training
 from fairnas.arch import Architecture
 from fairnas.config import ConfigError, save_config
 from fairnas.costs import cost_model
-from fairnas.data import DataSplits, load_splits
+from fairnas.data import DataSplits
 from fairnas.evaluate import CandidateEvaluator
 from fairnas.io import atomic_write_json
 from fairnas.network import Supernet
-from fairnas.pipeline import check_space_fits_data, load_supernet
+from fairnas.pipeline import check_space_fits_data, load_splits_for_space, load_supernet
 from fairnas.rankstudy.archs import stratified_architectures
 from fairnas.rankstudy.config import (
     RERUN_SAFE_KEYS,
@@ -111,9 +111,7 @@ class RankStudy:
 
     @cached_property
     def splits(self) -> DataSplits:
-        splits = load_splits(self.config.data)
-        check_space_fits_data(self.space, splits)
-        return splits
+        return load_splits_for_space(self.config.data, self.space)
 
     # -- set-up --------------------------------------------------------------------------------
 
