@@ -62,7 +62,7 @@ class Architecture:
             normalised = _normalise_token(token)
             if normalised not in lookup:
                 raise ValueError(
-                    f"layer {layer}: unknown choice {token!r}; allowed values: "
+                    f"layer {layer} (counting from 0): unknown choice {token!r}; allowed values: "
                     f"{', '.join(space.choice_tokens)}"
                 )
             indices.append(lookup[normalised])

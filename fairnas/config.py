@@ -187,8 +187,10 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            close = difflib.get_close_matches(key, fields, n=1) or [
+                field for field in fields if field.startswith(key) or key.startswith(field)
+            ][:1]
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else "."
             raise ConfigError(f"unknown config key '{name}'{hint} Known keys: "
                               f"{', '.join(prefix + k for k in fields)}")
         hint_type = hints[key]
@@ -266,7 +268,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        where = getattr(error, "problem_mark", None)
+        place = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{place}: {problem}") from error
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -14,6 +14,8 @@ import io
 import json
 import logging
 import os
+import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -186,9 +188,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"(only weights are loaded; no pickled code is executed)"
         ) from error
     except Exception as error:  # weights_only refuses arbitrary globals with UnpicklingError
+        # torch's message runs over several lines and advises weights_only=False, which is
+        # exactly what must not be done with an untrusted file: keep its first line only.
+        if isinstance(error, pickle.UnpicklingError):
+            found = re.search(r"GLOBAL ([\w.]+)", str(error))
+            what = f", such as {found.group(1)}" if found else ""
+            reason = f"it holds objects that are not plain weights{what}"
+        else:
+            reason = "it is not a PyTorch checkpoint"
         raise CheckpointError(
-            f"checkpoint {path} holds objects that are not plain weights and was refused "
-            f"(weights_only loading): {error}"
+            f"checkpoint {path} ({path.stat().st_size} bytes) was refused: {reason}. Only "
+            f"weights are loaded; no pickled code is executed"
         ) from error
 
 

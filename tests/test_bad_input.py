@@ -84,7 +84,8 @@ def test_a_missing_or_empty_data_folder_is_named(tmp_path: Path, capsys) -> None
 @pytest.mark.parametrize("command", ["evaluate", "train"])
 @pytest.mark.parametrize("arch, message", [
     ("k3e3-k5e6", "should have 6 tokens (one per searchable layer), got 2: 'k3e3-k5e6'"),
-    ("k3e3-k5e6-k7e3-k3e6-k5e3-k9e9", "layer 5: unknown choice 'k9e9'; allowed values: k3e3, "),
+    ("k3e3-k5e6-k7e3-k3e6-k5e3-k9e9",
+     "layer 5 (counting from 0): unknown choice 'k9e9'; allowed values: k3e3, "),
 ])
 def test_bad_architecture_strings_name_the_problem(
     command: str, arch: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture,
