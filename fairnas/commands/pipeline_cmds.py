@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fairnas.arch import Architecture
 from fairnas.cli import add_config_arguments, config_overrides, emit
-from fairnas.config import RunConfig, resolve_config
+from fairnas.config import RunConfig, resolve_config, save_config
 from fairnas.costs import cost_model
 from fairnas.distributed import DistContext
 from fairnas.evaluate import CandidateEvaluator, accuracy
@@ -71,6 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         arch, _ = chosen_architecture(ctx)
         out_dir = ctx.stage_dir("retrain")
+    if ctx.dist.is_main:
+        save_config(out_dir / "config.yaml", ctx.config)  # with this command's overrides
     result = train_standalone(arch, ctx.splits, ctx.config.train, out_dir, device=ctx.device,
                               dist=ctx.dist, extra_config=ctx.data_settings)
     result.update(asdict(cost_model(ctx.space).cost(arch)))
