@@ -71,12 +71,14 @@ class FairnessLedger:
         self.skipped_steps = 0
 
     def record(self, paths: list[Architecture]) -> None:
-        used = torch.zeros_like(self.updates, dtype=torch.bool)
-        for path in paths:
-            for layer, choice in enumerate(path.indices):
-                self.passes[layer, choice] += 1
-                used[layer, choice] = True
-        self.updates += used.long()
+        # One scatter for the whole step instead of a tensor write per (path, layer).
+        choices = torch.tensor([path.indices for path in paths], dtype=torch.long)
+        layers = torch.arange(choices.shape[1]).expand_as(choices)
+        passes = torch.zeros_like(self.passes)
+        passes.index_put_((layers.reshape(-1), choices.reshape(-1)),
+                          torch.ones(choices.numel(), dtype=torch.long), accumulate=True)
+        self.passes += passes
+        self.updates += (passes > 0).long()
         self.steps += 1
 
     @property
