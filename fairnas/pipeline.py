@@ -254,7 +254,11 @@ def check_rerun_config(out_dir: Path, config: RunConfig, manifest: Manifest) -> 
     if not saved_path.exists():
         return
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
-    changed = [k for k in differing_keys(saved, config_to_dict(config)) if k not in HARMLESS_KEYS]
+    current, defaults = config_to_dict(config), config_to_dict(RunConfig())
+    # A key the saved file lacks is a setting added since; at its default it changes nothing.
+    changed = [k for k in differing_keys(saved, current) if k not in HARMLESS_KEYS
+               and not (_lookup(saved, k) is _MISSING
+                        and _lookup(current, k) == _lookup(defaults, k))]
     for stage in STAGES:
         if not manifest.done(stage) and not (out_dir / stage).exists():
             continue
@@ -264,6 +268,18 @@ def check_rerun_config(out_dir: Path, config: RunConfig, manifest: Manifest) -> 
                 f"{out_dir} holds a '{stage}' stage made with a different configuration "
                 f"({', '.join(conflicts)} changed). Use a new --out-dir, or restore those values."
             )
+
+
+_MISSING = object()
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
 
 
 def run_pipeline(config: RunConfig, *, dist: DistContext | None = None) -> dict[str, Any]:
