@@ -33,14 +33,6 @@ STEPS = 4
 ARCH = (0, 1, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The workers run one thread each; the single-process references do the same."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # -- the work, identical in the workers and in the single-process references ---------------------
 

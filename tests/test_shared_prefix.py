@@ -24,13 +24,6 @@ from fairnas.training import make_sgd, train_supernet
 TINY = get_space("tiny")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def fresh_supernet(space: SearchSpace) -> Supernet:
     torch.manual_seed(0)
