@@ -10,10 +10,11 @@ loading; the folder reader targets small data sets for that reason (see
   candidate are recalibrated on exactly these images.
 * ``test`` is the test file (or ``test/`` folder), used only to report stand-alone accuracy.
 
-:meth:`DataSplits.check_no_leaks` asserts at load time that the images scoring candidates are
-none of the training, calibration or test images: by position for splits of one file, and by
-the content hash of each image file for folder data, where the same picture can sit in both
-``train/`` and ``test/`` under different names.
+:meth:`DataSplits.check_no_leaks` asserts at load time that the validation images (which score
+candidates) are none of the training, calibration or test images of the same file, by
+position. For folder data, where the same picture can sit in ``train/`` and ``test/`` under
+different names, a validation image whose content (SHA-256 of the file) is also a test image
+stops the run; one whose content is also a training image is only reported in the log.
 
 Batches come from :class:`BatchPlan`, a deterministic function of (seed, epoch, step), so a
 resumed run sees the same data order as an uninterrupted one and every rank of a distributed run
@@ -250,6 +251,9 @@ class BatchPlan:
                 f"batch_size should be divisible by the number of processes ({world_size}), "
                 f"got {batch_size}"
             )
+        if world_size > 1 and not drop_last:
+            raise ValueError("a partial last batch cannot be split evenly across processes; "
+                             "use drop_last=True with several processes")
         if num_items < batch_size and drop_last:
             raise ValueError(f"batch_size {batch_size} is larger than the data ({num_items})")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed

@@ -97,7 +97,9 @@ class SupernetStep:
     but the layers all paths share (stem, first block, fixed layers, head, classifier) get m
     gradients added up, an m times larger step. ``mean`` divides everything by m, so choice
     blocks learn m times slower. ``shared_mean`` (the default) sums for choice blocks and averages
-    for shared layers, so every parameter moves by one single-path SGD step's worth.
+    for shared layers, so under strict fairness (each block in exactly one path) every parameter
+    moves by one single-path SGD step's worth; with ``expectation`` a block drawn k times in a
+    step gets its k gradients added.
 
     ``sync_buffers`` are averaged across ranks with the gradients (BN running statistics
     under plain data parallelism). With ``restore_buffers`` a non-finite step also puts the

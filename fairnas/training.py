@@ -131,6 +131,8 @@ class TrainingLoop:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # Dropout on a GPU draws from the CUDA generators: keep them too.
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
             "config": self.config,
             "extra": self.state_fns[0]() if self.state_fns else {},
             "epoch_progress": {"loss": self.epoch_loss, "steps": self.epoch_steps},
@@ -161,6 +163,8 @@ class TrainingLoop:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         if self.state_fns:
             self.state_fns[1](state["extra"])
         self.step = int(state["step"])
@@ -317,10 +321,11 @@ def train_supernet(
         state_fns=(lambda: {"ledger": ledger.state_dict()},
                    lambda state: ledger.load_state_dict(state["ledger"])),
     )
+    # On the device before resuming: the optimizer's state then loads beside its parameters.
+    place_model(supernet, device, channels_last=config.channels_last)
     if resume:
         loop.resume()
     check_same_on_all_ranks(loop.step, "the step to start from", dist)
-    place_model(supernet, device, channels_last=config.channels_last)
     supernet.train()
     feeder = BatchFeeder(splits.train, plan, batches_per_epoch=steps_per_epoch * batches_per_step,
                          device=device, pin_memory=config.pin_memory,
