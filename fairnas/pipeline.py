@@ -83,9 +83,19 @@ class RunContext:
 
     @property
     def data_settings(self) -> dict[str, Any]:
-        """The data configuration, checkpointed by the trainers so a resume on other data is
-        refused (``root`` may change: the same files can move)."""
-        return {"data": asdict(self.config.data)}
+        """The data configuration and a digest of the images themselves, checkpointed by the
+        trainers so a resume on other data is refused (``root`` may change: the same files can
+        move; the digest catches a ``root`` that points at other images)."""
+        return {"data": asdict(self.config.data), "data_content": self.data_digest}
+
+    @cached_property
+    def data_digest(self) -> str:
+        """SHA-256 of every split's images and labels, in order (about a second per 60k)."""
+        digest = hashlib.sha256()
+        for split in (self.splits.train, self.splits.val, self.splits.calib, self.splits.test):
+            digest.update(split.images.contiguous().numpy().tobytes())
+            digest.update(split.labels.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def stage_dir(self, stage: str) -> Path:
         return self.out_dir / stage
@@ -180,7 +190,8 @@ def _search_fingerprint(ctx: RunContext, supernet_path: Path) -> dict[str, Any]:
     """What the accuracies depend on besides the search config: a resumed search must match."""
     digest = hashlib.sha256(Path(supernet_path).read_bytes()).hexdigest()
     data = {k: v for k, v in asdict(ctx.config.data).items() if k != "root"}
-    return {"supernet_sha256": digest, "eval": asdict(ctx.config.eval), "data": data}
+    return {"supernet_sha256": digest, "eval": asdict(ctx.config.eval), "data": data,
+            "data_content": ctx.data_digest}
 
 
 def _combined_timing(timings: list[dict[str, float]]) -> dict[str, float]:
@@ -270,6 +281,17 @@ def check_rerun_config(out_dir: Path, config: RunConfig, manifest: Manifest) -> 
             )
 
 
+def check_same_data(manifest: Manifest, digest: str) -> None:
+    """Finished stages were made from these very images (a moved ``data.root`` is fine)."""
+    saved = manifest.data.get("data_content")
+    if saved and saved != digest and any(manifest.done(stage) for stage in STAGES):
+        raise ValueError(
+            f"{manifest.path.parent} holds stages made from other images than those under "
+            f"data.root now (their content differs). Use a new --out-dir, or the data it used."
+        )
+    manifest.data["data_content"] = digest
+
+
 _MISSING = object()
 
 
@@ -289,6 +311,7 @@ def run_pipeline(config: RunConfig, *, dist: DistContext | None = None) -> dict[
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(ctx.out_dir)
     check_rerun_config(ctx.out_dir, config, manifest)
+    check_same_data(manifest, ctx.data_digest)
     if ctx.dist.is_main:
         save_config(ctx.out_dir / "config.yaml", config)
     for stage in STAGES:

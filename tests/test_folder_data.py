@@ -160,3 +160,25 @@ def test_train_supernet_on_a_folder_through_the_cli(
                  "--set", "data.skip_bad_images=true"]) == 0
     assert "skipped 2 unreadable image files" in caplog.text
     assert (tmp_path / "run" / "supernet" / "supernet.pt").is_file()
+
+
+def test_the_data_digest_follows_the_images_not_the_folder(tmp_path: Path) -> None:
+    """Moving the same files keeps the digest a resume compares; other images change it."""
+    from fairnas.config import resolve_config
+    from fairnas.pipeline import RunContext
+
+    def digest(root: Path) -> str:
+        config = resolve_config(overrides=[
+            "space={base: tiny, name: tiny-folder, input_size: 12, num_classes: 4}",
+            "data.dataset=folder", f"data.root={root}", "data.val_size=8", "data.calib_size=8",
+        ])
+        return RunContext(config).data_digest
+
+    original = digest(write_image_folders(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    assert digest(tmp_path / "moved") == original
+
+    other = write_image_folders(tmp_path / "b")
+    picture = sorted((other / "train" / "bag").iterdir())[0]
+    Image.new("RGB", (20, 16), (7, 7, 7)).save(picture)  # one image differs
+    assert digest(other) != original

@@ -36,3 +36,15 @@ def test_a_changed_setting_of_a_finished_stage_is_refused_by_name(tmp_path: Path
     # Settings of later stages, and harmless ones, may change.
     check_rerun_config(tmp_path, resolve_config(overrides=["train.epochs=1", "threads=1"]),
                        manifest)
+
+
+def test_finished_stages_made_from_other_images_are_refused(tmp_path: Path) -> None:
+    from fairnas.pipeline import check_same_data
+
+    manifest = _folder_with_finished_supernet(tmp_path, config_to_dict(resolve_config()))
+    check_same_data(manifest, "digest-a")  # first use: remembered
+    manifest.record("search", seconds=1.0, summary={}, folder=tmp_path / "search")
+    reloaded = Manifest(tmp_path)
+    check_same_data(reloaded, "digest-a")
+    with pytest.raises(ValueError, match="other images"):
+        check_same_data(reloaded, "digest-b")
