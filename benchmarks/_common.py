@@ -113,3 +113,20 @@ def finish(args: argparse.Namespace, passed: bool) -> int:
     """The exit status: 1 for a missed target only with ``--check``."""
     print("all targets met" if passed else "some targets missed (FAIL above)")
     return 1 if args.check and not passed else 0
+
+
+def supernet_and_batch(space_name: str, batch_size: int, nhwc: bool) -> tuple:
+    """A seeded supernet in train mode and a random batch, both in the chosen memory layout."""
+    from fairnas.accelerator import place_model
+    from fairnas.network import Supernet
+    from fairnas.space import get_space
+
+    space = get_space(space_name)
+    torch.manual_seed(0)
+    supernet = Supernet(space).train()
+    place_model(supernet, "cpu", channels_last=nhwc)
+    images = torch.randn(batch_size, space.input_channels, space.input_size, space.input_size)
+    if nhwc:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(space.num_classes, (batch_size,))
+    return space, supernet, (images, labels)

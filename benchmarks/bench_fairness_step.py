@@ -20,11 +20,20 @@ import statistics
 import sys
 
 import torch
-from _common import channels_last, finish, interleaved, median_ms, parser, ratio_of, setup, verdict
+from _common import (
+    channels_last,
+    finish,
+    interleaved,
+    median_ms,
+    parser,
+    ratio_of,
+    setup,
+    supernet_and_batch,
+    verdict,
+)
 
 from fairnas.accelerator import place_model
 from fairnas.config import SupernetConfig
-from fairnas.network import Supernet
 from fairnas.samplers import FairnessLedger, PathSampler
 from fairnas.space import get_space
 from fairnas.steps import SupernetStep, standalone_step
@@ -37,15 +46,8 @@ def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def measure(space_name: str, batch_size: int, rounds: int,
             nhwc: bool) -> dict[str, dict[str, list[float]]]:
-    space = get_space(space_name)
-    torch.manual_seed(0)
-    supernet = Supernet(space).train()
-    place_model(supernet, "cpu", channels_last=nhwc)
-    images = torch.randn(batch_size, space.input_channels, space.input_size, space.input_size)
-    if nhwc:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(space.num_classes, (batch_size,))
-    batch = (images, labels)
+    space, supernet, batch = supernet_and_batch(space_name, batch_size, nhwc)
+    images = batch[0]
     sampler = PathSampler(space, "strict", seed=0)
     ledger = FairnessLedger(sampler.num_layers, sampler.num_choices)
     paths = sampler.sample(0)

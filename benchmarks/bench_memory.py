@@ -23,14 +23,11 @@ import tempfile
 from collections.abc import Callable
 
 import torch
-from _common import channels_last, finish, parser, setup, verdict
+from _common import channels_last, finish, parser, setup, supernet_and_batch, verdict
 from torch.profiler import ProfilerActivity, profile
 
-from fairnas.accelerator import place_model
 from fairnas.config import SupernetConfig
-from fairnas.network import Supernet
 from fairnas.samplers import PathSampler
-from fairnas.space import get_space
 from fairnas.steps import SupernetStep
 from fairnas.training import make_sgd
 
@@ -66,14 +63,7 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 def measure(space_name: str, batch_size: int, nhwc: bool) -> dict[str, float]:
-    space = get_space(space_name)
-    torch.manual_seed(0)
-    supernet = Supernet(space).train()
-    place_model(supernet, "cpu", channels_last=nhwc)
-    images = torch.randn(batch_size, space.input_channels, space.input_size, space.input_size)
-    if nhwc:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(space.num_classes, (batch_size,))
+    space, supernet, (images, labels) = supernet_and_batch(space_name, batch_size, nhwc)
     optimizer = make_sgd(supernet, lr=0.01, momentum=0.9, nesterov=True, weight_decay=4e-5)
     paths = PathSampler(space, "strict", seed=0).sample(0)
     steps = {shared: SupernetStep(supernet, optimizer, shared_prefix=shared)
