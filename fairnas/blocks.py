@@ -24,6 +24,25 @@ def make_activation(name: str) -> nn.Module:
     raise ValueError(f"activation should be relu, relu6, swish or hswish, got {name!r}")
 
 
+def _depthwise_input_grad(input_shape: torch.Size, weight: torch.Tensor, grad_out: torch.Tensor,
+                          stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
+    """Input gradient of a depthwise convolution as a channels-last transposed convolution.
+
+    The transposed convolution is the same linear map as ``conv2d_input`` (bit-identical in
+    the probes), but on channels-last tensors it runs oneDNN's depthwise kernel: 5-9x faster on
+    this kind of x86 CPU for stride 2 and large batches, where ``conv2d_input`` falls back to a
+    generic loop. ``output_padding`` restores the rows and columns a strided convolution drops.
+    """
+    kernel = weight.shape[-2:]
+    output_padding = tuple(
+        size - ((out - 1) * s - 2 * p + k)
+        for size, out, s, p, k in zip(input_shape[-2:], grad_out.shape[-2:], stride, padding,
+                                      kernel, strict=True)
+    )
+    return F.conv_transpose2d(grad_out.contiguous(memory_format=torch.channels_last), weight,
+                              None, stride, padding, output_padding, weight.shape[0])
+
+
 class _DepthwiseWeightGradChannelsLast(torch.autograd.Function):
     """Depthwise convolution whose weight gradient is computed on channels-last copies.
 
@@ -45,9 +64,7 @@ class _DepthwiseWeightGradChannelsLast(torch.autograd.Function):
         groups = weight.shape[0]
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(
-                x.shape, weight, grad_out, ctx.stride, ctx.padding, 1, groups
-            )
+            grad_x = _depthwise_input_grad(x.shape, weight, grad_out, ctx.stride, ctx.padding)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.nn.grad.conv2d_weight(
                 x.contiguous(memory_format=torch.channels_last), weight.shape,
@@ -65,7 +82,8 @@ class DepthwiseConv2d(nn.Conv2d):
                          bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad:
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
+                and not torch.is_autocast_enabled("cpu")):
             return _DepthwiseWeightGradChannelsLast.apply(x, self.weight, self.stride,
                                                           self.padding)
         return super().forward(x)

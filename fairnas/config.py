@@ -69,7 +69,7 @@ class SupernetConfig:
     # the running statistics are averaged across ranks every step so every rank holds the same.
     sync_bn: bool = False
     # Device settings; defaults measured on CPU (docs/performance.md), none on a GPU.
-    amp: bool = False  # CUDA only: bf16 autocast for forward passes and loss
+    amp: bool = False  # bf16 autocast for forward passes and loss (CPU or CUDA)
     # NHWC weights and activations: same numbers up to rounding; training steps took 0.70-0.92x
     # the time on a 2-core Xeon (benchmarks/bench_layout.py), and GPUs' tensor cores want it.
     channels_last: bool = True
