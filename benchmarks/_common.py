@@ -66,9 +66,17 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     to them; the process's CPU time does not, and with one intra-op thread it is the time the
     work itself took. Both are reported; the ratios that decide PASS/FAIL use CPU time.
     """
+    synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
+    synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a CUDA run's wall clock covers the work it started."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def interleaved(cases: dict[str, Callable[[], object]], rounds: int,
