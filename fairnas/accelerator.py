@@ -1,5 +1,8 @@
 """Feeding the device: batches from in-memory splits, bf16 autocast, channels-last.
 
+Streamed file splits (``data.stream``) have their own feeder with the same interface,
+:class:`fairnas.streaming.StreamedBatchFeeder`; :func:`make_feeder` picks the one a split needs.
+
 Pinned memory exists for GPU runs, where the host must stay ahead of the device: a batch is
 gathered into pinned memory and copied without blocking, so the gather of the next batch overlaps
 the device's work on the current one. bf16 autocast works on CPU and CUDA; channels-last on both.
@@ -11,11 +14,12 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from fairnas.data import BatchPlan, TensorSplit
+from fairnas.data import BatchPlan, FileSplit, TensorSplit
 
 logger = logging.getLogger(__name__)
 
@@ -113,3 +117,21 @@ class BatchFeeder:
         labels = labels_buffer.to(self.device, non_blocking=True)
         copied.record()
         return images, labels
+
+    def close(self) -> None:
+        """Nothing to release; the same call as the streamed feeder's."""
+
+
+def make_feeder(
+    split: TensorSplit | FileSplit, plan: BatchPlan, *, batches_per_epoch: int,
+    device: str | torch.device = "cpu", pin_memory: bool = False, channels_last: bool = False,
+) -> BatchFeeder | Any:
+    """The feeder for ``split``: in-memory gathering, or DataLoader workers for a file split."""
+    if isinstance(split, FileSplit):
+        from fairnas.streaming import StreamedBatchFeeder  # torchvision only when streaming
+
+        return StreamedBatchFeeder(split, plan, batches_per_epoch=batches_per_epoch,
+                                   device=device, pin_memory=pin_memory,
+                                   channels_last=channels_last)
+    return BatchFeeder(split, plan, batches_per_epoch=batches_per_epoch, device=device,
+                       pin_memory=pin_memory, channels_last=channels_last)

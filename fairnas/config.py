@@ -37,6 +37,24 @@ class DataConfig:
     # dataset folder: skip image files that cannot be decoded (each named in the log, and
     # counted) instead of stopping at the first one
     skip_bad_images: bool = False
+    # dataset folder: read training images from disk batch by batch instead of decoding them all
+    # into memory first (ImageNet-sized folders). Validation, calibration and test images are
+    # still decoded into memory; see docs/data.md.
+    stream: bool = False
+    workers: int = 4  # data.stream: DataLoader worker processes decoding images; 0: in-process
+    # data.stream: training images get RandomResizedCrop + horizontal flip (seeded per image);
+    # off: the same centre crop as validation images
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked here rather than per key: whether ``stream`` is allowed depends on ``dataset``,
+        # and a DataConfig built in code (tests, the ranking study) must be refused as well.
+        if self.stream and self.dataset != "folder":
+            raise ConfigError(
+                f"data.stream=true needs data.dataset: folder (it streams image files from "
+                f"data.root/train/<class>/), got data.dataset {self.dataset!r}, which is read "
+                f"into memory whole; remove data.stream or point data.root at an image folder"
+            )
 
 
 @dataclass
@@ -160,6 +178,7 @@ _BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "supernet.label_smoothing": (0, 1), "train.label_smoothing": (0, 1),
     "search.crossover_prob": (0, 1), "search.mutation_prob": (0, 1),
     "search.population": (2, None),
+    "data.workers": (0, None),
 }
 
 

@@ -3,7 +3,11 @@ train / validation / calibration / test.
 
 Both are held in memory as one tensor, which on a 2-core machine is much faster than per-image
 loading; the folder reader targets small data sets for that reason (see
-:func:`load_image_folders`). The split rules are the part that matters for NAS:
+:func:`load_image_folders`). Folders too large for memory (ImageNet) are streamed instead with
+``data.stream``: the training split is then a :class:`FileSplit`, a list of files decoded batch
+by batch by :mod:`fairnas.streaming`, while validation, calibration and test images are still
+decoded into memory (:func:`load_streamed_folders`). The split rules are the part that matters
+for NAS:
 
 * ``val`` is held out from the *training* file; candidates are scored on it during search.
 * ``calib`` is a fixed, seeded subset of the remaining training images; BN statistics of every
@@ -14,7 +18,8 @@ loading; the folder reader targets small data sets for that reason (see
 candidates) are none of the training, calibration or test images of the same file, by
 position. For folder data, where the same picture can sit in ``train/`` and ``test/`` under
 different names, a validation image whose content (SHA-256 of the file) is also a test image
-stops the run; one whose content is also a training image is only reported in the log.
+stops the run; one whose content is also a training image is only reported in the log (not
+checked for streamed training files, which are not read at load time).
 
 Batches come from :class:`BatchPlan`, a deterministic function of (seed, epoch, step), so a
 resumed run sees the same data order as an uninterrupted one and every rank of a distributed run
@@ -23,6 +28,7 @@ can take its own slice of the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -32,6 +38,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -75,10 +82,57 @@ class TensorSplit:
 
 
 @dataclass
+class FileSplit:
+    """Training images as files and labels, decoded when a batch needs them (``data.stream``).
+
+    Nothing is read at load time, so a folder of any size costs only its file list. How a file
+    becomes a tensor (size, channels, augmentation, normalisation) travels with the split, so the
+    trainers need no data configuration to build the streamed feeder
+    (:class:`fairnas.streaming.StreamedBatchFeeder`).
+    """
+
+    files: list[str]  # full paths
+    labels: torch.Tensor
+    source: str  # as TensorSplit.source: positions below are positions in that listing
+    indices: torch.Tensor
+    root: str  # the train folder; the content digest uses paths relative to it
+    input_size: int
+    input_channels: int
+    augment: bool = True
+    skip_bad_images: bool = False
+    workers: int = 0  # DataLoader worker processes
+    # Normalisation, from the calibration images (set once they are decoded).
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, positions: torch.Tensor) -> FileSplit:
+        return dataclasses.replace(self, files=[self.files[i] for i in positions.tolist()],
+                                   labels=self.labels[positions], indices=self.indices[positions])
+
+    def update_digest(self, digest: Any) -> None:
+        """(path relative to the train folder, size in bytes) of every file, and the labels.
+
+        Hashing every byte of an ImageNet-sized folder would take minutes on every start; this
+        catches other, added, removed or resized files and a ``data.root`` that points at other
+        images, but not a file rewritten in place with the same size.
+        """
+        for name in self.files:
+            relative = os.path.relpath(name, self.root)
+            digest.update(f"{relative}\0{os.stat(name).st_size}\n".encode())
+        digest.update(self.labels.contiguous().numpy().tobytes())
+
+
+AnySplit = TypeVar("AnySplit", TensorSplit, FileSplit)
+
+
+@dataclass
 class DataSplits:
     """Everything a FairNAS run reads."""
 
-    train: TensorSplit
+    train: TensorSplit | FileSplit
     val: TensorSplit
     calib: TensorSplit
     test: TensorSplit
@@ -92,10 +146,29 @@ class DataSplits:
         _check_disjoint(self.val, self.test, "validation", "test")
         _check_disjoint(self.calib, self.val, "calibration", "validation")
         _check_distinct_content(self.val, self.test)
-        _warn_on_duplicates(self.val, self.train)
+        if isinstance(self.train, FileSplit):
+            logger.info("leak checks: validation files are none of the streamed training files "
+                        "(by position) and none has the content of a test image (SHA-256); "
+                        "copies of a validation image among the training files are not looked "
+                        "for, since streamed training files are not read at load time")
+        else:
+            _warn_on_duplicates(self.val, self.train)
+
+    def content_digest(self) -> str:
+        """SHA-256 of every split's images and labels, in order; a streamed training split
+        contributes its file names and sizes (:meth:`FileSplit.update_digest`)."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.val, self.calib, self.test):
+            if isinstance(split, FileSplit):
+                split.update_digest(digest)
+                continue
+            digest.update(split.images.contiguous().numpy().tobytes())
+            digest.update(split.labels.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
-def _check_disjoint(a: TensorSplit, b: TensorSplit, name_a: str, name_b: str) -> None:
+def _check_disjoint(a: TensorSplit | FileSplit, b: TensorSplit | FileSplit, name_a: str,
+                    name_b: str) -> None:
     if a.source != b.source:
         return
     overlap = set(a.indices.tolist()) & set(b.indices.tolist())
@@ -212,6 +285,27 @@ def split_train(
     test_limit: int | None = None,
 ) -> DataSplits:
     """Hold out ``val_size`` training images; draw the calibration set from the rest."""
+    train, val, calib = hold_out(full_train, val_size=val_size, calib_size=calib_size,
+                                 split_seed=split_seed, train_limit=train_limit)
+    if test_limit is not None:
+        test = test.subset(torch.arange(min(test_limit, len(test))))
+    splits = DataSplits(train, val, calib, test, num_classes,
+                        full_train.images.shape[1], full_train.images.shape[-1])
+    splits.check_no_leaks()
+    return splits
+
+
+def hold_out(
+    full_train: AnySplit, *, val_size: int, calib_size: int, split_seed: int,
+    train_limit: int | None = None,
+) -> tuple[AnySplit, AnySplit, AnySplit]:
+    """(train, val, calib) of the training images: ``val_size`` seeded picks held out, then
+    the first ``train_limit`` of the rest, of which ``calib_size`` seeded picks are the
+    calibration pool (a subset of the training images, as FairNAS recalibrates BN on them).
+
+    Works on in-memory and file splits alike, so a streamed folder holds out the very files the
+    in-memory loader would (as long as no unreadable file was skipped before the split).
+    """
     n = len(full_train)
     if not 0 < val_size < n:
         raise ValueError(f"data.val_size should be in (0, {n}) for {n} training images, got "
@@ -225,12 +319,7 @@ def split_train(
     if not 0 < calib_size <= len(train):
         raise ValueError(f"data.calib_size should be in (0, {len(train)}], got {calib_size}")
     calib = train.subset(torch.randperm(len(train), generator=generator)[:calib_size])
-    if test_limit is not None:
-        test = test.subset(torch.arange(min(test_limit, len(test))))
-    splits = DataSplits(train, val, calib, test, num_classes,
-                        full_train.images.shape[1], full_train.images.shape[-1])
-    splits.check_no_leaks()
-    return splits
+    return train, val, calib
 
 
 class BatchPlan:
@@ -286,6 +375,7 @@ def load_splits(config: DataConfig, *, input_size: int | None = None,
     Folder images are converted to the search space's ``input_channels`` and ``input_size``,
     which are therefore required for ``dataset: folder``.
     """
+    config.__post_init__()  # data.stream only with folders, also for a config changed in code
     root = Path(config.root) if config.root else None
     splitting = dict(val_size=config.val_size, calib_size=config.calib_size,
                      split_seed=config.split_seed, train_limit=config.train_limit,
@@ -299,6 +389,11 @@ def load_splits(config: DataConfig, *, input_size: int | None = None,
         if input_size is None or input_channels is None:
             raise ValueError("folder data is converted to the search space's input size and "
                              "channels; pass input_size and input_channels")
+        if config.stream:
+            return load_streamed_folders(
+                root, input_size=input_size, input_channels=input_channels,
+                skip_bad_images=config.skip_bad_images, augment=config.augment,
+                workers=config.workers, **splitting)
         full_train, test, classes = load_image_folders(
             root, input_size=input_size, input_channels=input_channels,
             skip_bad_images=config.skip_bad_images)
@@ -330,6 +425,82 @@ def load_image_folders(
     out and counted in the log. Returns (all training images, test images, class names).
     """
     root = Path(root)
+    listings, classes = _list_image_folders(root, input_channels)
+    options = dict(size=input_size, mode=_MODES[input_channels], skip=skip_bad_images)
+    train, skipped = _read_files(listings["train"], f"folder:{root / 'train'}", **options)
+    test, skipped_test = _read_files(listings["test"], f"folder:{root / 'test'}", **options)
+    _report_skipped(skipped + skipped_test)
+    _normalise([train, test], *_channel_stats(train.images))
+    logger.info("read %d training and %d test images of %d classes from %s", len(train),
+                len(test), len(classes), root)
+    return train, test, classes
+
+
+def load_streamed_folders(
+    root: str | os.PathLike, *, input_size: int, input_channels: int, val_size: int,
+    calib_size: int, split_seed: int, train_limit: int | None = None,
+    test_limit: int | None = None, skip_bad_images: bool = False, augment: bool = True,
+    workers: int = 0,
+) -> DataSplits:
+    """``data.stream``: the training folder as a file list; the other splits in memory.
+
+    The validation and calibration files are picked by :func:`hold_out` from the listing of
+    ``train/`` exactly as :func:`split_train` picks them from the decoded images, then decoded
+    (centre crop, like the in-memory loader) together with the test folder (its first
+    ``test_limit`` files). They are needed whole and over and over (every candidate is scored on
+    val, recalibrated on calib), and are small next to an ImageNet training set. Normalisation
+    statistics come from the calibration images, not from every training image, which would mean
+    decoding the whole folder once per start.
+    """
+    root = Path(root)
+    listings, classes = _list_image_folders(root, input_channels)
+    listed = listings["train"]
+    full_train = FileSplit(
+        files=[str(path) for path, _ in listed],
+        labels=torch.tensor([label for _, label in listed], dtype=torch.long),
+        source=f"folder:{root / 'train'}", indices=torch.arange(len(listed)),
+        root=str(root / "train"), input_size=input_size, input_channels=input_channels,
+        augment=augment, skip_bad_images=skip_bad_images, workers=workers)
+    train, val_files, calib_files = hold_out(full_train, val_size=val_size,
+                                             calib_size=calib_size, split_seed=split_seed,
+                                             train_limit=train_limit)
+    options = dict(size=input_size, mode=_MODES[input_channels], skip=skip_bad_images)
+    val, skipped = _read_files(_as_listing(val_files), val_files.source,
+                               indices=val_files.indices.tolist(), **options)
+    calib, skipped_calib = _read_files(_as_listing(calib_files), calib_files.source,
+                                       indices=calib_files.indices.tolist(), **options)
+    test_listed = listings["test"][:test_limit] if test_limit is not None else listings["test"]
+    test, skipped_test = _read_files(test_listed, f"folder:{root / 'test'}", **options)
+    _report_skipped(skipped + skipped_calib + skipped_test)
+    mean, std = _channel_stats(calib.images)
+    _normalise([val, calib, test], mean, std)
+    train.mean, train.std = tuple(mean.tolist()), tuple(std.tolist())
+    held = {"validation": val, "calibration": calib, "test": test}
+    total = sum(split.images.nelement() * split.images.element_size() for split in held.values())
+    logger.info("streaming %d training images of %d classes from %s (%d DataLoader workers, "
+                "augmentation %s); decoded into memory: %s images of %s float32, %s in all "
+                "(in every process)", len(train), len(classes), root / "train", workers,
+                "on" if augment else "off",
+                ", ".join(f"{len(split)} {name}" for name, split in held.items()),
+                "x".join(map(str, val.images.shape[1:])), _size_text(total))
+    if total > 8 * 2**30:
+        logger.warning("the validation, calibration and test images take %s of memory in "
+                       "every process; lower data.val_size, data.calib_size or data.test_limit "
+                       "if that is too much (see docs/data.md)", _size_text(total))
+    splits = DataSplits(train, val, calib, test, len(classes), input_channels, input_size)
+    splits.check_no_leaks()
+    return splits
+
+
+def _size_text(size: float) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _list_image_folders(
+    root: Path, input_channels: int,
+) -> tuple[dict[str, list[tuple[Path, int]]], list[str]]:
+    """(file, label) of every image under ``train/`` and ``test/``, in class then file order,
+    after checking the layout; and the class names (sorted folder names)."""
     if not root.is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
     if input_channels not in _MODES:
@@ -348,20 +519,31 @@ def load_image_folders(
             f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}"
         )
     classes = sorted(folders["train"])
-    options = dict(size=input_size, mode=_MODES[input_channels], skip=skip_bad_images)
-    train, skipped = _read_split(root / "train", folders["train"], classes, **options)
-    test, skipped_test = _read_split(root / "test", folders["test"], classes, **options)
-    skipped += skipped_test
+    listings = {split: [(path, label) for label, name in enumerate(classes)
+                        for path in files[name]] for split, files in folders.items()}
+    return listings, classes
+
+
+def _as_listing(split: FileSplit) -> list[tuple[Path, int]]:
+    return [(Path(name), label) for name, label in zip(split.files, split.labels.tolist(),
+                                                       strict=True)]
+
+
+def _report_skipped(skipped: list[str]) -> None:
     if skipped:
         logger.warning("skipped %d unreadable image files (data.skip_bad_images): %s%s",
                        len(skipped), ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
-    pixels = train.images.transpose(0, 1).reshape(input_channels, -1)
-    mean, std = pixels.mean(dim=1), pixels.std(dim=1).clamp_min(1e-6)
-    for split in (train, test):
+
+
+def _channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of N x C x H x W images."""
+    pixels = images.transpose(0, 1).reshape(images.shape[1], -1)
+    return pixels.mean(dim=1), pixels.std(dim=1).clamp_min(1e-6)
+
+
+def _normalise(splits: list[TensorSplit], mean: torch.Tensor, std: torch.Tensor) -> None:
+    for split in splits:
         split.images = (split.images - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    logger.info("read %d training and %d test images of %d classes from %s", len(train),
-                len(test), len(classes), root)
-    return train, test, classes
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
@@ -379,36 +561,61 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
     return files
 
 
-def _read_split(folder: Path, files: dict[str, list[Path]], classes: list[str], *, size: int,
-                mode: str, skip: bool) -> tuple[TensorSplit, list[str]]:
-    """Decode one split's files; returns the split and the files skipped as unreadable."""
-    arrays, labels, names, digests, skipped = [], [], [], [], []
-    listed = [(path, label) for label, name in enumerate(classes) for path in files[name]]
-    for path, label in tqdm(listed, desc=f"reading {folder.name}", unit="img", disable=None):
+# What PIL raises for a file that is not a readable image (OSError covers a missing file too).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _read_files(listed: list[tuple[Path, int]], source: str, *, size: int, mode: str,
+                skip: bool, indices: list[int] | None = None) -> tuple[TensorSplit, list[str]]:
+    """Decode (file, label) pairs into a split of pixel values in [0, 1], not yet normalised;
+    returns it and the files skipped as unreadable. ``indices``: each file's position in
+    ``source`` (default: the position among the files kept)."""
+    arrays, labels, names, digests, kept, skipped = [], [], [], [], [], []
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    for position, (path, label) in enumerate(tqdm(listed, desc=f"reading {name}", unit="img",
+                                                  disable=None)):
         data = path.read_bytes()
         try:
             arrays.append(_decode(data, size, mode))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except DECODE_ERRORS as error:
             if not skip:
-                raise ValueError(f"image file {path} cannot be read ({error}); replace or remove "
-                                 f"it, or set data.skip_bad_images=true to skip such files"
-                                 ) from error
+                raise ValueError(unreadable_message(path, error)) from error
             skipped.append(str(path))
             continue
         labels.append(label)
         names.append(str(path))
         digests.append(hashlib.sha256(data).hexdigest())
+        kept.append(position)
     if not arrays:
-        raise ValueError(f"{folder} holds no readable images ({len(skipped)} skipped)")
+        raise ValueError(f"{source.removeprefix('folder:')} holds no readable images "
+                         f"({len(skipped)} skipped)")
     images = torch.from_numpy(np.stack(arrays)).float().div_(255)
     images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
-    split = TensorSplit(images.contiguous(), torch.tensor(labels), f"folder:{folder}",
-                        torch.arange(len(labels)), names, digests)
+    positions = torch.arange(len(labels)) if indices is None else torch.tensor(
+        [indices[k] for k in kept], dtype=torch.long)
+    split = TensorSplit(images.contiguous(), torch.tensor(labels, dtype=torch.long), source,
+                        positions, names, digests)
     return split, skipped
 
 
-def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
+def unreadable_message(path: str | os.PathLike, error: BaseException | str) -> str:
+    return (f"image file {path} cannot be read ({error}); replace or remove it, or set "
+            f"data.skip_bad_images=true to skip such files")
+
+
+def open_image(data: bytes, mode: str) -> Image.Image:
+    """The decoded image in ``mode`` ("L" or "RGB")."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()  # decodes now, so a truncated file fails here with its name at hand
-        square = ImageOps.fit(image.convert(mode), (size, size), Image.Resampling.BILINEAR)
+        return image.convert(mode)
+
+
+def centre_fit(image: Image.Image, size: int) -> np.ndarray:
+    """The largest centred square, resized to ``size`` (bilinear): how evaluation images are
+    made, and streamed training images when augmentation is off."""
+    square = ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
     return np.asarray(square, dtype=np.uint8)
+
+
+def _decode(data: bytes, size: int, mode: str) -> np.ndarray:
+    return centre_fit(open_image(data, mode), size)

@@ -53,7 +53,9 @@ HARMLESS_KEYS = {"out_dir", "device", "threads", "supernet.log_interval", "train
                  "supernet.on_nonfinite", "train.on_nonfinite",
                  # memory layout and host staging: the same numbers up to float rounding
                  "supernet.channels_last", "train.channels_last", "eval.channels_last",
-                 "supernet.pin_memory", "train.pin_memory"}
+                 "supernet.pin_memory", "train.pin_memory",
+                 # streamed images do not depend on how many processes decode them
+                 "data.workers"}
 # Which config sections each stage's result depends on.
 STAGE_KEYS = {
     "supernet": ("space", "data.", "supernet."),
@@ -86,19 +88,29 @@ class RunContext:
         """The data configuration and a digest of the images themselves, checkpointed by the
         trainers so a resume on other data is refused (``root`` may change: the same files can
         move; the digest catches a ``root`` that points at other images)."""
-        return {"data": asdict(self.config.data), "data_content": self.data_digest}
+        return {"data": data_result_settings(self.config.data), "data_content": self.data_digest}
 
     @cached_property
     def data_digest(self) -> str:
-        """SHA-256 of every split's images and labels, in order (about a second per 60k)."""
-        digest = hashlib.sha256()
-        for split in (self.splits.train, self.splits.val, self.splits.calib, self.splits.test):
-            digest.update(split.images.contiguous().numpy().tobytes())
-            digest.update(split.labels.contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        """SHA-256 of every split's images and labels, in order (about a second per 60k); a
+        streamed training split counts by file names and sizes
+        (:meth:`~fairnas.data.DataSplits.content_digest`)."""
+        return self.splits.content_digest()
 
     def stage_dir(self, stage: str) -> Path:
         return self.out_dir / stage
+
+
+def data_result_settings(config: DataConfig) -> dict[str, Any]:
+    """The data configuration a trained result depends on, as checkpoints and the search state
+    record it. ``workers`` never changes an image; ``stream`` and ``augment`` are left out
+    when not streaming (``augment`` then has no effect), so results made before those keys
+    existed keep resuming."""
+    settings = asdict(config)
+    del settings["workers"]
+    if not config.stream:
+        del settings["stream"], settings["augment"]
+    return settings
 
 
 def load_splits_for_space(config: DataConfig, space: SearchSpace) -> DataSplits:
@@ -189,7 +201,7 @@ def run_search_stage(ctx: RunContext, supernet_path: Path | None = None) -> dict
 def _search_fingerprint(ctx: RunContext, supernet_path: Path) -> dict[str, Any]:
     """What the accuracies depend on besides the search config: a resumed search must match."""
     digest = hashlib.sha256(Path(supernet_path).read_bytes()).hexdigest()
-    data = {k: v for k, v in asdict(ctx.config.data).items() if k != "root"}
+    data = {k: v for k, v in data_result_settings(ctx.config.data).items() if k != "root"}
     return {"supernet_sha256": digest, "eval": asdict(ctx.config.eval), "data": data,
             "data_content": ctx.data_digest}
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fairnas.accelerator import BatchFeeder, place_model, precision_context
+from fairnas.accelerator import make_feeder, place_model, precision_context
 from fairnas.arch import Architecture
 from fairnas.config import SupernetConfig, TrainConfig, differing_keys
 from fairnas.data import BatchPlan, DataSplits, TensorSplit
@@ -327,7 +327,8 @@ def train_supernet(
         loop.resume()
     check_same_on_all_ranks(loop.step, "the step to start from", dist)
     supernet.train()
-    feeder = BatchFeeder(splits.train, plan, batches_per_epoch=steps_per_epoch * batches_per_step,
+    # In-memory gathering, or DataLoader workers decoding files for a streamed split.
+    feeder = make_feeder(splits.train, plan, batches_per_epoch=steps_per_epoch * batches_per_step,
                          device=device, pin_memory=config.pin_memory,
                          channels_last=config.channels_last)
     step = SupernetStep(
@@ -364,8 +365,11 @@ def train_supernet(
         )
 
     start = time.perf_counter()
-    with global_batch_norm(supernet, config.sync_bn and dist.enabled):
-        loop.run(step_fn)
+    try:
+        with global_batch_norm(supernet, config.sync_bn and dist.enabled):
+            loop.run(step_fn)
+    finally:
+        feeder.close()
     summary = {"steps": loop.step, "seconds": time.perf_counter() - start,
                "sampler": config.sampler, "ledger": ledger.summary()}
     if dist.is_main:
@@ -447,7 +451,7 @@ def train_standalone(
     if resume:
         loop.resume()
     check_same_on_all_ranks(loop.step, "the step to start from", dist)
-    feeder = BatchFeeder(splits.train, plan, batches_per_epoch=steps_per_epoch, device=device,
+    feeder = make_feeder(splits.train, plan, batches_per_epoch=steps_per_epoch, device=device,
                          pin_memory=config.pin_memory, channels_last=config.channels_last)
     precision = precision_context(device, config.amp)
     sync_buffers = bn_running_buffers(model) if dist.enabled and not config.sync_bn else ()
@@ -465,8 +469,11 @@ def train_standalone(
         return StepResult(loss, len(batch[1]) * dist.world_size)
 
     start = time.perf_counter()
-    with global_batch_norm(model, config.sync_bn and dist.enabled):
-        loop.run(step_fn)
+    try:
+        with global_batch_norm(model, config.sync_bn and dist.enabled):
+            loop.run(step_fn)
+    finally:
+        feeder.close()
     test = test_split if test_split is not None else splits.test
     result = {
         "arch": arch_text,

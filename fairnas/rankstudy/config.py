@@ -106,7 +106,7 @@ def changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 # Keys whose change leaves every finished result valid: outputs are keyed by sampler, by
 # architecture and by seed, and the statistics are recomputed on every run.
 RERUN_SAFE_KEYS = {
-    "out_dir", "device", "threads", "data.root", "samplers", "seeds_per_arch",
+    "out_dir", "device", "threads", "data.root", "data.workers", "samplers", "seeds_per_arch",
     "histogram_samples", "bootstrap", "bootstrap_seed", "confidence", "top_k", "ground_truth",
     "checkpoint_every", "supernet.log_interval", "standalone.log_interval", "standalone.pick",
     "standalone.max_madds",
