@@ -14,12 +14,15 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fairnas.data import BatchPlan, FileSplit, TensorSplit
+
+if TYPE_CHECKING:
+    from fairnas.streaming import StreamedBatchFeeder
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class BatchFeeder:
             labels = self.split.labels[indices].to(self.device)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels
+        return self.split.normalised(images), labels  # unchanged unless stored as uint8
 
     def _pinned_copy(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (len(indices), *self.split.images.shape[1:])
@@ -125,7 +128,7 @@ class BatchFeeder:
 def make_feeder(
     split: TensorSplit | FileSplit, plan: BatchPlan, *, batches_per_epoch: int,
     device: str | torch.device = "cpu", pin_memory: bool = False, channels_last: bool = False,
-) -> BatchFeeder | Any:
+) -> BatchFeeder | StreamedBatchFeeder:
     """The feeder for ``split``: in-memory gathering, or DataLoader workers for a file split."""
     if isinstance(split, FileSplit):
         from fairnas.streaming import StreamedBatchFeeder  # torchvision only when streaming

@@ -60,7 +60,13 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 
 @dataclass
 class TensorSplit:
-    """Images (float, normalised, N x C x H x W) and integer labels held in memory."""
+    """Images (N x C x H x W) and integer labels held in memory.
+
+    ``images`` are normalised floats, or, when ``mean`` and ``std`` are set, the uint8 pixels
+    they are computed from batch by batch (:meth:`normalised`): a quarter of the memory, which
+    matters for the validation, calibration and test images of a streamed ImageNet-sized
+    folder, held in every process. Both give the same numbers bit for bit.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -69,16 +75,36 @@ class TensorSplit:
     # Folder data only: each image's file and the SHA-256 of its bytes, for the leak check.
     files: list[str] | None = None
     digests: list[str] | None = None
+    mean: tuple[float, ...] | None = None  # per channel, for uint8 ``images``
+    std: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def normalised(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """``images`` (default: all of the split's, or a batch taken from them) as the
+        normalised floats a network reads."""
+        images = self.images if images is None else images
+        if self.mean is None or self.std is None:
+            return images
+        return normalise_pixels(images, torch.tensor(self.mean), torch.tensor(self.std))
 
     def subset(self, positions: torch.Tensor) -> TensorSplit:
         keep = positions.tolist()
         return TensorSplit(self.images[positions], self.labels[positions], self.source,
                            self.indices[positions],
                            None if self.files is None else [self.files[i] for i in keep],
-                           None if self.digests is None else [self.digests[i] for i in keep])
+                           None if self.digests is None else [self.digests[i] for i in keep],
+                           self.mean, self.std)
+
+
+def normalise_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (N x C x H x W) to normalised floats, with per-channel ``mean`` and ``std``
+    of pixel values in [0, 1]; the same operations, in the same order, for every split and
+    feeder, so an image gives the same floats whichever way it was stored."""
+    images = pixels.float().div_(255)
+    return (images - mean.to(images.device).view(1, -1, 1, 1)) / \
+        std.to(images.device).view(1, -1, 1, 1)
 
 
 @dataclass
@@ -365,7 +391,8 @@ class BatchPlan:
 def iterate_in_order(split: TensorSplit, batch_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """Fixed-order batches of a split, for evaluation and calibration."""
     for start in range(0, len(split), batch_size):
-        yield split.images[start:start + batch_size], split.labels[start:start + batch_size]
+        yield (split.normalised(split.images[start:start + batch_size]),
+               split.labels[start:start + batch_size])
 
 
 def load_splits(config: DataConfig, *, input_size: int | None = None,
@@ -464,7 +491,8 @@ def load_streamed_folders(
     train, val_files, calib_files = hold_out(full_train, val_size=val_size,
                                              calib_size=calib_size, split_seed=split_seed,
                                              train_limit=train_limit)
-    options = dict(size=input_size, mode=_MODES[input_channels], skip=skip_bad_images)
+    options = dict(size=input_size, mode=_MODES[input_channels], skip=skip_bad_images,
+                   keep_uint8=True)
     val, skipped = _read_files(_as_listing(val_files), val_files.source,
                                indices=val_files.indices.tolist(), **options)
     calib, skipped_calib = _read_files(_as_listing(calib_files), calib_files.source,
@@ -472,13 +500,13 @@ def load_streamed_folders(
     test_listed = listings["test"][:test_limit] if test_limit is not None else listings["test"]
     test, skipped_test = _read_files(test_listed, f"folder:{root / 'test'}", **options)
     _report_skipped(skipped + skipped_calib + skipped_test)
-    mean, std = _channel_stats(calib.images)
-    _normalise([val, calib, test], mean, std)
-    train.mean, train.std = tuple(mean.tolist()), tuple(std.tolist())
+    mean, std = _channel_stats(calib.images.float().div_(255))
+    for split in (train, val, calib, test):  # uint8 kept; normalised batch by batch
+        split.mean, split.std = tuple(mean.tolist()), tuple(std.tolist())
     held = {"validation": val, "calibration": calib, "test": test}
     total = sum(split.images.nelement() * split.images.element_size() for split in held.values())
     logger.info("streaming %d training images of %d classes from %s (%d DataLoader workers, "
-                "augmentation %s); decoded into memory: %s images of %s float32, %s in all "
+                "augmentation %s); decoded into memory: %s images of %s uint8, %s in all "
                 "(in every process)", len(train), len(classes), root / "train", workers,
                 "on" if augment else "off",
                 ", ".join(f"{len(split)} {name}" for name, split in held.items()),
@@ -566,10 +594,12 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _read_files(listed: list[tuple[Path, int]], source: str, *, size: int, mode: str,
-                skip: bool, indices: list[int] | None = None) -> tuple[TensorSplit, list[str]]:
-    """Decode (file, label) pairs into a split of pixel values in [0, 1], not yet normalised;
-    returns it and the files skipped as unreadable. ``indices``: each file's position in
-    ``source`` (default: the position among the files kept)."""
+                skip: bool, indices: list[int] | None = None,
+                keep_uint8: bool = False) -> tuple[TensorSplit, list[str]]:
+    """Decode (file, label) pairs into a split of pixel values in [0, 1] (or the uint8 pixels
+    with ``keep_uint8``), not yet normalised; returns it and the files skipped as unreadable.
+    ``indices``: each file's position in ``source`` (default: the position among the files
+    kept)."""
     arrays, labels, names, digests, kept, skipped = [], [], [], [], [], []
     name = source.rstrip("/").rsplit("/", 1)[-1]
     for position, (path, label) in enumerate(tqdm(listed, desc=f"reading {name}", unit="img",
@@ -589,7 +619,9 @@ def _read_files(listed: list[tuple[Path, int]], source: str, *, size: int, mode:
     if not arrays:
         raise ValueError(f"{source.removeprefix('folder:')} holds no readable images "
                          f"({len(skipped)} skipped)")
-    images = torch.from_numpy(np.stack(arrays)).float().div_(255)
+    images = torch.from_numpy(np.stack(arrays))
+    if not keep_uint8:
+        images = images.float().div_(255)
     images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
     positions = torch.arange(len(labels)) if indices is None else torch.tensor(
         [indices[k] for k in kept], dtype=torch.long)

@@ -37,6 +37,7 @@ from fairnas.data import (
     BatchPlan,
     FileSplit,
     centre_fit,
+    normalise_pixels,
     open_image,
     unreadable_message,
 )
@@ -200,9 +201,8 @@ class StreamedBatchFeeder:
         self.dataset = StreamedImages(split, seed=plan.seed)
         if len(split.mean) != split.input_channels or len(split.std) != split.input_channels:
             raise ValueError("the file split has no normalisation statistics for its channels")
-        self._mean = torch.tensor(split.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self._std = torch.tensor(split.std, dtype=torch.float32).view(1, -1, 1, 1)
-        self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
+        self._mean = torch.tensor(split.mean, dtype=torch.float32, device=self.device)
+        self._std = torch.tensor(split.std, dtype=torch.float32, device=self.device)
         self.loader: DataLoader | None = DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
             pin_memory=self.pinned, persistent_workers=self.workers > 0,
@@ -240,8 +240,7 @@ class StreamedBatchFeeder:
             images = images.contiguous(memory_format=torch.channels_last)
         # The operations, in the order, that normalise the in-memory splits: a streamed image
         # without augmentation equals its decoded copy bit for bit.
-        images = images.float().div_(255)
-        return (images - self._mean) / self._std, labels
+        return normalise_pixels(images, self._mean, self._std), labels
 
     def _unreadable(self, bad: torch.Tensor, errors: list[str]) -> None:
         for position, error in zip(bad.tolist(), errors, strict=True):

@@ -24,7 +24,7 @@ from test_resume_kill import assert_identical
 
 from fairnas.cli import main
 from fairnas.config import ConfigError, DataConfig, resolve_config
-from fairnas.data import BatchPlan, DataSplits, FileSplit, load_splits
+from fairnas.data import BatchPlan, DataSplits, FileSplit, iterate_in_order, load_splits
 from fairnas.io import load_checkpoint, read_jsonl
 from fairnas.streaming import StreamedBatchFeeder, StreamedImages
 
@@ -66,10 +66,20 @@ def test_the_training_split_is_a_file_list_and_the_rest_is_decoded(
     assert splits.calib.files == in_memory.calib.files
     assert splits.train.files == in_memory.train.files
     assert not set(splits.val.files) & set(splits.train.files)
-    # Normalised with the calibration images' statistics.
-    assert float(splits.calib.images.mean()) == pytest.approx(0, abs=1e-5)
-    assert float(splits.calib.images.std()) == pytest.approx(1, rel=1e-4)
+    # Held as uint8 pixels (a quarter of the memory), normalised with the calibration images'
+    # statistics when read.
+    assert splits.val.images.dtype == splits.test.images.dtype == torch.uint8
+    calib = splits.calib.normalised()
+    assert float(calib.mean()) == pytest.approx(0, abs=1e-5)
+    assert float(calib.std()) == pytest.approx(1, rel=1e-4)
     assert len(splits.train.mean) == 1 and 0 < splits.train.std[0] < 1
+    assert splits.val.mean == splits.test.mean == splits.train.mean
+    mean, std = splits.val.mean[0], splits.val.std[0]
+    torch.testing.assert_close(splits.val.normalised(),
+                               (splits.val.images.float() / 255 - mean) / std)
+    first_batch = next(iterate_in_order(splits.val, 4))[0]
+    assert first_batch.dtype == torch.float32
+    assert torch.equal(first_batch, splits.val.normalised()[:4])
 
 
 def test_batches_are_the_same_with_worker_processes(splits: DataSplits) -> None:
@@ -142,7 +152,8 @@ def test_augmentation_changes_images_between_epochs(folder: Path, splits: DataSp
     assert changed(first, centre) >= 28  # random crops and flips, not the centre crop
     for position, name in enumerate(plain.train.files):  # centre crop: as calibration images
         if name in plain.calib.files:
-            assert torch.equal(centre[position], plain.calib.images[plain.calib.files.index(name)])
+            calib = plain.calib.normalised()
+            assert torch.equal(centre[position], calib[plain.calib.files.index(name)])
 
 
 def test_validation_files_are_never_read_for_training(
