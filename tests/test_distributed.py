@@ -1,8 +1,9 @@
 """Several processes (gloo, CPU) through the real launcher: ``torch.distributed.run``.
 
 The same file is the worker: ``python -m torch.distributed.run --standalone --nproc_per_node 2
-tests/test_distributed.py {train,search} OUT`` runs :func:`worker`, which writes what every rank
-ends with into OUT; the tests compare that with a single process doing the same work.
+tests/test_distributed.py {train,search,stream} OUT [FOLDER]`` runs :func:`worker`, which writes
+what every rank ends with into OUT; the tests compare that with a single process doing the same
+work.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ import torch
 
 from fairnas.accelerator import BatchFeeder
 from fairnas.arch import Architecture
-from fairnas.config import EvalConfig, RunConfig, SearchConfig, SupernetConfig, TrainConfig
-from fairnas.data import BatchPlan, DataSplits, TensorSplit, split_train
+from fairnas.config import (
+    DataConfig,
+    EvalConfig,
+    RunConfig,
+    SearchConfig,
+    SupernetConfig,
+    TrainConfig,
+)
+from fairnas.data import BatchPlan, DataSplits, TensorSplit, load_splits, split_train
 from fairnas.distributed import DistContext, evaluate_across_ranks, shard_evaluate
 from fairnas.io import atomic_torch_save, read_jsonl
 from fairnas.network import SinglePathNet, Supernet
@@ -79,6 +87,18 @@ def train_all(out: Path, dist: DistContext) -> dict[str, dict]:
     return states
 
 
+def train_streamed(out: Path, dist: DistContext, folder: Path) -> dict:
+    """Supernet training on an image folder streamed by a DataLoader worker in every rank."""
+    config = DataConfig(dataset="folder", root=str(folder), val_size=8, calib_size=8,
+                        stream=True, workers=1)
+    splits = load_splits(config, input_size=TINY.input_size,
+                         input_channels=TINY.input_channels)
+    supernet = fresh(Supernet, TINY)
+    summary = train_supernet(supernet, splits, supernet_config(sync_bn=True), out / "stream",
+                             dist=dist)
+    return {"state": supernet.state_dict(), "ledger": summary["ledger"]}
+
+
 def search_context(out: Path, dist: DistContext) -> RunContext:
     config = RunConfig(space="tiny", out_dir=str(out),
                        eval=EvalConfig(calib_images=16, val_images=16, batch_size=8),
@@ -93,12 +113,14 @@ def search_context(out: Path, dist: DistContext) -> RunContext:
     return ctx
 
 
-def worker(kind: str, out: Path) -> None:
+def worker(kind: str, out: Path, folder: Path | None = None) -> None:
     torch.set_num_threads(1)
     dist = DistContext.from_env("cpu")
     assert dist.world_size == WORLD
     if kind == "train":
         torch.save(train_all(out, dist), out / f"rank{dist.rank}.pt")
+    elif kind == "stream":
+        torch.save(train_streamed(out, dist, folder), out / f"rank{dist.rank}.pt")
     else:
         summary = run_search_stage(search_context(out, dist))
         failure = ""
@@ -116,11 +138,11 @@ def worker(kind: str, out: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
-def launch(kind: str, out: Path) -> None:
+def launch(kind: str, out: Path, *extra: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={WORLD}", __file__, kind, str(out)]
+               f"--nproc_per_node={WORLD}", __file__, kind, str(out), *extra]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
 
@@ -178,6 +200,27 @@ def test_ledger_is_exact_on_every_rank(trained, name: str) -> None:
         assert ledger["single_path_passes"] == STEPS * TINY.num_choices
 
 
+def test_streamed_folder_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """Each rank decodes and augments its half of every global batch in its own worker process;
+    with BN over the global batch the result is one process reading the whole batch."""
+    from test_folder_data import write_image_folders
+
+    folder = write_image_folders(tmp_path / "images", size=(16, 16))  # 32 training images
+    launch("stream", tmp_path / "ranks", str(folder))
+    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=False)
+             for r in range(WORLD)]
+    single = train_streamed(tmp_path / "single", DistContext.single(), folder)
+    initial = fresh(Supernet, TINY).state_dict()
+    moved = 0
+    for key, value in single["state"].items():
+        assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4, atol=1e-5,
+                                   msg=key)
+        moved += not torch.equal(value, initial[key])
+    assert moved > len(initial) // 2
+    assert ranks[0]["ledger"]["strictly_fair"] and ranks[0]["ledger"]["steps"] == STEPS
+
+
 def test_search_on_two_ranks_scores_like_one_process(tmp_path: Path) -> None:
     launch("search", tmp_path / "ranks")
     single = run_search_stage(search_context(tmp_path / "single", DistContext.single()))
@@ -212,4 +255,4 @@ def test_batch_feeder_gives_each_rank_its_slice_of_the_plan() -> None:
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], Path(sys.argv[2]))
+    worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
