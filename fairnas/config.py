@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion-mnist"  # fashion-mnist | folder | cifar10
+    dataset: str = "fashion-mnist"  # fashion-mnist | folder (CIFAR-10: see fairnas transfer)
     root: str | None = None  # None: $FAIRNAS_DATA or ./data
     val_size: int = 5000  # held out from the training images; candidates are scored on it
     calib_size: int = 2048  # fixed, seeded pool of training images for BN recalibration
@@ -158,7 +158,7 @@ _CHOICES = {
     "supernet.on_nonfinite": ("stop", "skip"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.pick": ("best", "knee"),
-    "data.dataset": ("fashion-mnist", "folder", "cifar10"),
+    "data.dataset": ("fashion-mnist", "folder"),
 }
 _POSITIVE = {
     "data.val_size", "data.calib_size", "supernet.batch_size", "supernet.lr", "supernet.epochs",
@@ -206,10 +206,15 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         name = f"{prefix}{key}"
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1) or [
-                field for field in fields if field.startswith(key) or key.startswith(field)
-            ][:1]
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else "."
+            # A key of a section given at the wrong level ('stream' for 'data.stream') is the
+            # likelier mistake than a typo of a key at this level.
+            nested = _nested_keys(cls, hints, key)
+            close = [f"{prefix}{field}" for field in difflib.get_close_matches(key, fields, n=1)
+                     or [field for field in fields
+                         if field.startswith(key) or key.startswith(field)][:1]]
+            suggestions = nested or close
+            hint = (f"; did you mean {' or '.join(repr(s) for s in suggestions)}?"
+                    if suggestions else ".")
             raise ConfigError(f"unknown config key '{name}'{hint} Known keys: "
                               f"{', '.join(prefix + k for k in fields)}")
         hint_type = hints[key]
@@ -220,12 +225,21 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if takes_float and isinstance(value, str):
             value = _number_or_text(value)
         if not _type_matches(value, hint_type):
-            raise ConfigError(f"{name} should be of type {_type_name(hint_type)}, got {value!r}")
+            expected = ("true or false" if hint_type is bool
+                        else f"of type {_type_name(hint_type)}")
+            raise ConfigError(f"{name} should be {expected}, got {value!r}")
         if takes_float:
             value = float(value) if value is not None else None
         _check_value(name, value)
         values[key] = value
     return cls(**values)
+
+
+def _nested_keys(cls: type, hints: dict[str, Any], key: str) -> list[str]:
+    """Dotted names of the sections of ``cls`` that have a key called ``key``."""
+    return [f"{entry.name}.{key}" for entry in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(hints[entry.name])
+            and key in {f.name for f in dataclasses.fields(hints[entry.name])}]
 
 
 def _type_name(hint: Any) -> str:

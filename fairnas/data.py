@@ -34,6 +34,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -559,7 +560,7 @@ def _as_listing(split: FileSplit) -> list[tuple[Path, int]]:
 
 def _report_skipped(skipped: list[str]) -> None:
     if skipped:
-        logger.warning("skipped %d unreadable image files (data.skip_bad_images): %s%s",
+        logger.warning("skipped %d unreadable image file(s) (data.skip_bad_images): %s%s",
                        len(skipped), ", ".join(skipped[:5]), " ..." if len(skipped) > 5 else "")
 
 
@@ -630,9 +631,16 @@ def _read_files(listed: list[tuple[Path, int]], source: str, *, size: int, mode:
     return split, skipped
 
 
+def decode_error_text(error: BaseException | str) -> str:
+    """What went wrong decoding a file, without Pillow's in-memory buffer address (Pillow
+    names the ``BytesIO`` it was given, not the file)."""
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)).strip()
+    return text or (type(error).__name__ if isinstance(error, BaseException) else "unreadable")
+
+
 def unreadable_message(path: str | os.PathLike, error: BaseException | str) -> str:
-    return (f"image file {path} cannot be read ({error}); replace or remove it, or set "
-            f"data.skip_bad_images=true to skip such files")
+    return (f"image file {path} cannot be read ({decode_error_text(error)}); replace or remove "
+            f"it, or set data.skip_bad_images=true to skip such files")
 
 
 def open_image(data: bytes, mode: str) -> Image.Image:

@@ -122,16 +122,21 @@ def load_splits_for_space(config: DataConfig, space: SearchSpace) -> DataSplits:
 
 
 def check_space_fits_data(space: SearchSpace, splits: DataSplits) -> None:
-    problems = []
+    problems, fixes = [], []
     if space.input_channels != splits.input_channels:
         problems.append(f"input channels {space.input_channels} vs {splits.input_channels}")
+        fixes.append(f"space.input_channels={splits.input_channels}")
     if space.num_classes != splits.num_classes:
         problems.append(f"classes {space.num_classes} vs {splits.num_classes}")
+        fixes.append(f"space.num_classes={splits.num_classes}")
     if space.input_size != splits.input_size:
         problems.append(f"input size {space.input_size} vs {splits.input_size}")
+        fixes.append(f"space.input_size={splits.input_size}")
     if problems:
         raise ValueError(f"search space {space.name!r} does not fit the data: "
-                         f"{'; '.join(problems)} (space vs data)")
+                         f"{'; '.join(problems)} (space vs data); build the space for the data "
+                         f"with --set space.base={space.name} "
+                         + " ".join(f"--set {fix}" for fix in fixes))
 
 
 def space_differences(saved: Any, space: SearchSpace) -> list[str]:
@@ -164,11 +169,19 @@ def run_supernet_stage(ctx: RunContext) -> dict[str, Any]:
 
 
 def check_feasible(ctx: RunContext) -> None:
-    """Refuse search and retraining limits that no architecture of the space meets, before any
-    stage runs: otherwise they would only fail after the supernet has trained."""
+    """Refuse search and retraining limits that no architecture of the space meets, and batch
+    sizes larger than the training data, before any stage runs: otherwise they would only fail
+    after the supernet has trained."""
     from fairnas.search import check_limits
 
     check_limits(ctx.space, ctx.config.search)
+    images = len(ctx.splits.train)
+    for key, batch_size in (("supernet.batch_size", ctx.config.supernet.batch_size),
+                            ("train.batch_size", ctx.config.train.batch_size)):
+        if batch_size > images:
+            raise ValueError(f"{key}={batch_size} is larger than the {images} training images "
+                             f"(after data.val_size={ctx.config.data.val_size} are held out); "
+                             f"lower {key}")
     max_madds = ctx.config.train.max_madds
     cheapest, _ = cost_model(ctx.space).bounds()
     if max_madds is not None and cheapest.madds > max_madds:

@@ -37,6 +37,7 @@ from fairnas.data import (
     BatchPlan,
     FileSplit,
     centre_fit,
+    decode_error_text,
     normalise_pixels,
     open_image,
     unreadable_message,
@@ -101,7 +102,7 @@ class StreamedImages(Dataset):
                 image = self.load(candidate, seed)
             except DECODE_ERRORS as error:
                 if attempt == 0:
-                    first_error = str(error) or type(error).__name__
+                    first_error = decode_error_text(error)
                 if not self.skip_bad_images:
                     break
                 continue

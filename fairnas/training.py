@@ -66,6 +66,20 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> 
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def batch_plan(num_images: int, batch_size: int, key: str, *, seed: int,
+               dist: DistContext) -> BatchPlan:
+    """The run's :class:`BatchPlan`; a batch size the data or the processes cannot take is
+    refused naming the configuration key that sets it."""
+    if batch_size > num_images:
+        raise ValueError(f"{key}={batch_size} is larger than the {num_images} training images "
+                         f"(after the validation images are held out); lower {key}")
+    try:
+        return BatchPlan(num_images, batch_size, seed=seed, rank=dist.rank,
+                         world_size=dist.world_size)
+    except ValueError as error:
+        raise ValueError(f"{key}: {error}") from error
+
+
 def make_sgd(model: nn.Module, *, lr: float, momentum: float, nesterov: bool,
              weight_decay: float) -> torch.optim.SGD:
     """SGD with weight decay on weights only: BN affine terms and biases are not decayed."""
@@ -247,7 +261,7 @@ class TrainingLoop:
                     writer.add_scalar(f"{self.name}/{key}", value, self.step)
         logger.info("%s epoch %d: %s", self.name, epoch,
                     ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                              for k, v in row.items()))
+                              for k, v in row.items() if k != "epoch"))
 
     def _tensorboard(self) -> Any:
         if not self.dist.is_main:
@@ -306,8 +320,8 @@ def train_supernet(
     sampler = PathSampler(supernet.space, config.sampler, seed=config.seed)
     ledger = FairnessLedger(sampler.num_layers, sampler.num_choices)
     batches_per_step = 1 if config.shared_batch else sampler.paths_per_step
-    plan = BatchPlan(len(splits.train), config.batch_size, seed=config.seed,
-                     rank=dist.rank, world_size=dist.world_size)
+    plan = batch_plan(len(splits.train), config.batch_size, "supernet.batch_size",
+                      seed=config.seed, dist=dist)
     steps_per_epoch = max(1, len(plan) // batches_per_step)
     total_steps = _steps(config.epochs, config.max_steps, steps_per_epoch)
     optimizer = make_sgd(supernet, lr=config.lr, momentum=config.momentum,
@@ -430,8 +444,8 @@ def train_standalone(
     model = SinglePathNet(arch) if isinstance(arch, Architecture) else arch
     place_model(model, device, channels_last=config.channels_last)
     model.train()
-    plan = BatchPlan(len(splits.train), config.batch_size, seed=config.seed,
-                     rank=dist.rank, world_size=dist.world_size)
+    plan = batch_plan(len(splits.train), config.batch_size, "train.batch_size",
+                      seed=config.seed, dist=dist)
     steps_per_epoch = len(plan)
     total_steps = _steps(config.epochs, None, steps_per_epoch)
     optimizer = make_sgd(model, lr=config.lr, momentum=config.momentum,

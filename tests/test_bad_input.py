@@ -58,8 +58,12 @@ def test_unknown_keys_suggest_the_intended_key(
     ("train.label_smoothing=-0.1", r"train.label_smoothing should be in [0, 1], got -0.1"),
     ("search.population=1", "search.population should be >= 2, got 1"),
     ("supernet.checkpoint_every=0", "supernet.checkpoint_every should be positive, got 0"),
-    ("data.dataset=imagenet", "data.dataset should be one of fashion-mnist, folder, cifar10, "
+    ("data.dataset=imagenet", "data.dataset should be one of fashion-mnist, folder, "
                               "got 'imagenet'"),
+    ("data.stream=1", "data.stream should be true or false, got 1"),
+    ("stream=true", "unknown config key 'stream'; did you mean 'data.stream'?"),
+    ("seed=3", "did you mean 'supernet.seed' or 'search.seed' or 'train.seed'?"),
+    ("supernet.batch_size=100000", "supernet.batch_size=100000 is larger than the"),
     ("supernet.lr=fast", "supernet.lr should be of type float, got 'fast'"),
     ("supernet.lr=.nan", "supernet.lr should be a finite number, got nan"),
 ])
@@ -79,6 +83,26 @@ def test_a_missing_or_empty_data_folder_is_named(tmp_path: Path, capsys) -> None
     (tmp_path / "empty" / "test").mkdir()
     err = fails(capsys, "train-supernet", *folder, "--set", f"data.root={tmp_path / 'empty'}")
     assert "train holds no class folders" in err
+
+
+def test_a_folder_the_space_does_not_fit_and_a_batch_too_large_name_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture,
+) -> None:
+    root = write_image_folders(tmp_path / "images", size=(12, 12),
+                               classes=("ant", "bee", "cat"))  # 30 training images
+    folder = ["--set", "space=tiny", "--set", "data.dataset=folder", "--set",
+              f"data.root={root}", "--set", "data.val_size=6", "--set", "data.calib_size=8",
+              "--out-dir", str(tmp_path / "out")]
+    err = fails(capsys, "train-supernet", *folder)
+    assert "classes 4 vs 3 (space vs data)" in err
+    assert "--set space.base=tiny --set space.num_classes=3" in err
+
+    fitted = [*folder, "--set", "space={base: tiny, num_classes: 3}", "--set",
+              "supernet.batch_size=8", "--set", "train.batch_size=8"]
+    for command, key in (("train-supernet", "supernet.batch_size"), ("run", "train.batch_size")):
+        err = fails(capsys, command, *fitted, "--set", f"{key}=64")
+        assert f"{key}=64 is larger than the 24 training images" in err
+    assert not (tmp_path / "out" / "supernet" / "supernet.pt").exists()
 
 
 @pytest.mark.parametrize("command", ["evaluate", "train"])

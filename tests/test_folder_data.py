@@ -122,7 +122,7 @@ def test_unreadable_images_can_be_skipped_and_are_counted(
 
     assert len(train) == 39 and len(test) == 11
     assert not set(map(str, broken)) & set(train.files + test.files)
-    assert "skipped 2 unreadable image files" in caplog.text
+    assert "skipped 2 unreadable image file(s)" in caplog.text
     assert all(str(path) in caplog.text for path in broken)
 
 
@@ -158,7 +158,7 @@ def test_train_supernet_on_a_folder_through_the_cli(
 
     assert main(["train-supernet", "--config", str(config), "--json",
                  "--set", "data.skip_bad_images=true"]) == 0
-    assert "skipped 2 unreadable image files" in caplog.text
+    assert "skipped 2 unreadable image file(s)" in caplog.text
     assert (tmp_path / "run" / "supernet" / "supernet.pt").is_file()
 
 

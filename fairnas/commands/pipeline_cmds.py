@@ -40,6 +40,8 @@ def _context(args: argparse.Namespace) -> RunContext:
 
 def cmd_train_supernet(args: argparse.Namespace) -> int:
     ctx = _context(args)
+    if ctx.dist.is_main:
+        save_config(ctx.stage_dir("supernet") / "config.yaml", ctx.config)
     summary = run_supernet_stage(ctx)
     if ctx.dist.is_main:
         emit(summary, args.json, f"supernet trained: {summary['steps']} steps in "
@@ -50,6 +52,8 @@ def cmd_train_supernet(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     ctx = _context(args)
+    if ctx.dist.is_main:
+        save_config(ctx.stage_dir("search") / "config.yaml", ctx.config)
     summary = run_search_stage(ctx, Path(args.supernet) if args.supernet else None)
     if ctx.dist.is_main:
         rows = [f"{r['accuracy']:.4f}  {r['madds']:>12,}  {r['params']:>10,}  {r['arch']}"
