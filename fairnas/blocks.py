@@ -43,6 +43,20 @@ def _depthwise_input_grad(input_shape: torch.Size, weight: torch.Tensor, grad_ou
                               None, stride, padding, output_padding, weight.shape[0])
 
 
+def _correlation_is_faster(kernel: int) -> bool:
+    """Whether this depthwise layer's weight gradient takes the forward-convolution route.
+
+    Measured on a 2-core Xeon (AVX-512, oneDNN as in torch 2.14), channels-last. Layer by
+    layer in isolation, the route took 0.22-0.96x oneDNN's time for 7x7 kernels at batch 4 to
+    128, 0.30-0.60x for 5x5 kernels at batch 4 but 1.16-1.48x at batch 128, and was 5-25x
+    slower for 3x3 kernels, where oneDNN has a fast kernel. In whole strict-fairness steps,
+    taking it for every 5x5 and 7x7 layer was as fast as or faster than a rule that also
+    weighs the batch (fmnist b128: 840 against 867 ms; imagenet b4: 1,822 against 1,805; b16:
+    7,682 against 7,805; oneDNN throughout: 979, 2,316, 8,428), so the kernel alone decides.
+    """
+    return kernel >= 5
+
+
 def _depthwise_weight_grad(x: torch.Tensor, weight_shape: torch.Size, grad_out: torch.Tensor,
                            stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:
     """Weight gradient of a depthwise convolution, by the fastest route measured on x86 CPUs.
@@ -52,13 +66,13 @@ def _depthwise_weight_grad(x: torch.Tensor, weight_shape: torch.Size, grad_out: 
     a forward convolution instead: channel c's gradient is the correlation of its input plane
     with its output-gradient plane, which is a depthwise convolution of the input (one group
     per image and channel) with the output gradient as a large kernel, dilated by the stride;
-    summing over the batch gives the gradient. In whole training steps that made MBConv
-    supernets 7-23% faster than the oneDNN kernel (``docs/performance.md``). 3x3 kernels keep
-    the oneDNN kernel on channels-last copies, where it is fastest.
+    summing over the batch gives the gradient. Which route is faster depends on the kernel and
+    the batch (:func:`_correlation_is_faster`); oneDNN's kernel runs on channels-last copies,
+    where it is fastest.
     """
     batch, channels = x.shape[:2]
     kernel = weight_shape[-2:]
-    if max(kernel) < 5:
+    if not _correlation_is_faster(max(kernel)):
         return torch.nn.grad.conv2d_weight(
             x.contiguous(memory_format=torch.channels_last), weight_shape,
             grad_out.contiguous(memory_format=torch.channels_last), stride, padding, 1,
