@@ -88,7 +88,7 @@ class SupernetConfig:
     sync_bn: bool = False
     # Device settings; defaults measured on CPU (docs/performance.md), none on a GPU.
     amp: bool = False  # bf16 autocast for forward passes and loss (CPU or CUDA)
-    # NHWC weights and activations: same numbers up to rounding; training steps took 0.70-0.92x
+    # NHWC weights and activations: same numbers up to rounding; training steps took 0.66-0.72x
     # the time on a 2-core Xeon (benchmarks/bench_layout.py), and GPUs' tensor cores want it.
     channels_last: bool = True
     pin_memory: bool = False  # CUDA only: batches staged in pinned memory, copied non-blocking
@@ -99,7 +99,7 @@ class EvalConfig:
     calib_images: int = 1024  # images (from the calibration pool) used to recalibrate BN
     val_images: int | None = 2000  # None: the whole validation split
     batch_size: int = 512
-    channels_last: bool = True  # the supernet in NHWC while scoring: 0.69x the time on CPU
+    channels_last: bool = True  # the supernet in NHWC while scoring: 0.75x the time on CPU
 
 
 @dataclass
