@@ -71,14 +71,16 @@ def main() -> int:
     # images (1.2 GB in memory) at a small batch.
     for space_name, num_images, batch_size in (("fmnist", 55_000, 128), ("imagenet", 2_000, 16)):
         times = interleaved(cases(space_name, num_images, batch_size, nhwc), args.rounds)
+        cpu = {name: t["cpu"] for name, t in times.items()}
         wall = {name: t["wall"] for name, t in times.items()}
-        feed_s = statistics.median(wall["feed"])
-        print(f"-- {space_name}, batch {batch_size}: median feed {median_ms(wall['feed'])}, "
-              f"step {median_ms(wall['step'])} (wall clock); the feeder alone delivers "
+        feed_s = statistics.median(cpu["feed"])
+        print(f"-- {space_name}, batch {batch_size}: median CPU time feed {median_ms(cpu['feed'])}"
+              f", step {median_ms(cpu['step'])}; the feeder alone delivers "
               f"{batch_size / feed_s:,.0f} images/s on one core")
-        median, low, high = ratio_of(wall["feed"], wall["step"])
+        median, low, high = ratio_of(cpu["feed"], cpu["step"])
         passed &= verdict(f"[{space_name} b{batch_size}] feeding time / step time", median,
                           0.05, spread=(low, high), fmt="{:.5f}")
+        print(f"   (wall clock: {ratio_of(wall['feed'], wall['step'])[0]:.5f})")
     return finish(args, passed)
 
 

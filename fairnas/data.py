@@ -344,7 +344,8 @@ def hold_out(
     if train_limit is not None:
         train = train.subset(torch.arange(min(train_limit, len(train))))
     if not 0 < calib_size <= len(train):
-        raise ValueError(f"data.calib_size should be in (0, {len(train)}], got {calib_size}")
+        raise ValueError(f"data.calib_size should be in (0, {len(train)}] (the training images "
+                         f"left after data.val_size={val_size} are held out), got {calib_size}")
     calib = train.subset(torch.randperm(len(train), generator=generator)[:calib_size])
     return train, val, calib
 

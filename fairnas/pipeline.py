@@ -136,7 +136,9 @@ def check_space_fits_data(space: SearchSpace, splits: DataSplits) -> None:
         raise ValueError(f"search space {space.name!r} does not fit the data: "
                          f"{'; '.join(problems)} (space vs data); build the space for the data "
                          f"with --set space.base={space.name} "
-                         + " ".join(f"--set {fix}" for fix in fixes))
+                         + " ".join(f"--set {fix}" for fix in fixes)
+                         + f" (folder images are read with the space's input_channels, "
+                           f"{space.input_channels} here: 1 grey, 3 colour)")
 
 
 def space_differences(saved: Any, space: SearchSpace) -> list[str]:

@@ -368,8 +368,12 @@ def space_from_dict(spec: Mapping[str, Any]) -> SearchSpace:
     """Build a space from plain data; ``base`` names a preset whose fields are the defaults."""
     unknown = set(spec) - _SPACE_KEYS
     if unknown:
+        # '{base:fmnist}' is read by YAML as one key 'base:fmnist': a space must follow ':'.
+        colon = any(":" in str(key) for key in unknown)
         raise ValueError(
             f"unknown search-space keys {sorted(unknown)}; known: {sorted(_SPACE_KEYS)}"
+            + ("; in YAML a space must follow ':' ({base: fmnist}, not {base:fmnist})"
+               if colon else "")
         )
     values: dict[str, Any] = {}
     if "base" in spec:
