@@ -66,9 +66,9 @@ def _depthwise_weight_grad(x: torch.Tensor, weight_shape: torch.Size, grad_out: 
     a forward convolution instead: channel c's gradient is the correlation of its input plane
     with its output-gradient plane, which is a depthwise convolution of the input (one group
     per image and channel) with the output gradient as a large kernel, dilated by the stride;
-    summing over the batch gives the gradient. Which route is faster depends on the kernel and
-    the batch (:func:`_correlation_is_faster`); oneDNN's kernel runs on channels-last copies,
-    where it is fastest.
+    summing over the batch gives the gradient. The kernel size decides the route
+    (:func:`_correlation_is_faster`); oneDNN's kernel runs on channels-last copies, where it is
+    fastest.
     """
     batch, channels = x.shape[:2]
     kernel = weight_shape[-2:]
