@@ -42,7 +42,7 @@ from fairnas.evaluate import CandidateEvaluator
 from fairnas.io import atomic_write_json, atomic_write_text, load_model_file
 from fairnas.network import Supernet
 from fairnas.space import SearchSpace, get_space
-from fairnas.training import train_standalone, train_supernet
+from fairnas.training import check_batch_size, train_standalone, train_supernet
 
 logger = logging.getLogger(__name__)
 
@@ -177,13 +177,9 @@ def check_feasible(ctx: RunContext) -> None:
     from fairnas.search import check_limits
 
     check_limits(ctx.space, ctx.config.search)
-    images = len(ctx.splits.train)
-    for key, batch_size in (("supernet.batch_size", ctx.config.supernet.batch_size),
-                            ("train.batch_size", ctx.config.train.batch_size)):
-        if batch_size > images:
-            raise ValueError(f"{key}={batch_size} is larger than the {images} training images "
-                             f"(after data.val_size={ctx.config.data.val_size} are held out); "
-                             f"lower {key}")
+    check_batch_size("supernet.batch_size", ctx.config.supernet.batch_size,
+                     len(ctx.splits.train))
+    check_batch_size("train.batch_size", ctx.config.train.batch_size, len(ctx.splits.train))
     max_madds = ctx.config.train.max_madds
     cheapest, _ = cost_model(ctx.space).bounds()
     if max_madds is not None and cheapest.madds > max_madds:

@@ -66,13 +66,18 @@ def lr_at(step: int, *, base_lr: float, warmup_steps: int, total_steps: int) -> 
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def check_batch_size(key: str, batch_size: int, num_images: int) -> None:
+    """Refuse a batch size larger than the training data, naming the key that sets it."""
+    if batch_size > num_images:
+        raise ValueError(f"{key}={batch_size} is larger than the {num_images} training images "
+                         f"(after the validation images are held out); lower {key}")
+
+
 def batch_plan(num_images: int, batch_size: int, key: str, *, seed: int,
                dist: DistContext) -> BatchPlan:
     """The run's :class:`BatchPlan`; a batch size the data or the processes cannot take is
     refused naming the configuration key that sets it."""
-    if batch_size > num_images:
-        raise ValueError(f"{key}={batch_size} is larger than the {num_images} training images "
-                         f"(after the validation images are held out); lower {key}")
+    check_batch_size(key, batch_size, num_images)
     try:
         return BatchPlan(num_images, batch_size, seed=seed, rank=dist.rank,
                          world_size=dist.world_size)
